@@ -1,0 +1,89 @@
+"""One error hierarchy for actcache.
+
+``UserError`` subclasses are mistakes a user can fix (bad input, bad config, a refused
+job): the CLI prints their message as one line and exits 2. Anything else is a fault of
+the system: exit 1, traceback to a log file. Each subclass also inherits the builtin a
+Python caller would expect, so ``except KeyError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class ActcacheError(Exception):
+    """Base of every error actcache raises on purpose."""
+
+
+class UserError(ActcacheError):
+    """A mistake in what the user gave: the message names the culprit and the fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid job, probe or query configuration."""
+
+
+class InputDataError(UserError, ValueError):
+    """The inputs file is missing, malformed, or lacks a needed column or value."""
+
+
+class InputFileNotFoundError(InputDataError, FileNotFoundError):
+    """The inputs file does not exist."""
+
+
+class ModelLoadError(UserError, OSError):
+    """The model or its tokenizer/processor cannot be loaded from the given path or id."""
+
+
+class LayerNotFoundError(UserError, KeyError):
+    """A requested layer is outside the model, or not in the store."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class PoolingNotFoundError(UserError, KeyError):
+    """A requested pooling is not in the store."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class IdNotFoundError(UserError, KeyError):
+    """An id is not in the store."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ColumnNotFoundError(UserError, KeyError):
+    """A metadata column is not in the store or the inputs."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class StoreMismatchError(UserError, ValueError):
+    """An existing store was written by a job that differs in a field that shapes it."""
+
+
+class StoreNotFoundError(UserError, FileNotFoundError):
+    """No actcache store at the given URL."""
+
+
+class StoreIncompleteError(UserError, ValueError):
+    """The store has units that are not complete, and the operation needs all of them."""
+
+
+class OverflowStorageError(UserError, OverflowError):
+    """A value does not fit the storage dtype (float16 beyond ±65504)."""
+
+
+class LeaseHeldError(UserError, RuntimeError):
+    """Another live run holds the store's write lease."""
+
+
+class ProbeDataError(UserError, ValueError):
+    """Labels or splits cannot train a probe (one class, constant, empty split...)."""
+
+
+class JobSubmissionError(UserError, RuntimeError):
+    """The Ray Jobs API refused a job or the job failed."""
