@@ -1,0 +1,140 @@
+"""Creating a store, checking an existing one against a job, growing it for new units.
+
+Only the driver (holding the store's lease) writes metadata: the manifest, array shapes
+and the run history. Actors write chunk data and their own commit markers only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import zarr
+
+from actcache.schemas import store as layout
+from actcache.schemas.errors import StoreMismatchError
+from actcache.schemas.job import SHAPING_FIELDS
+from actcache.schemas.store import Manifest
+
+# Measured by benchmarks/bench_codec.py (figures in docs/STORE.md): zstd over
+# byte-shuffled half floats compresses hidden states better than plain zstd, at a
+# write speed far above what a forward pass produces.
+CODEC = "blosc-zstd-3-shuffle"
+MAX_CHUNK_ROWS = 256
+MAX_TOKEN_CHUNK = 4096
+
+
+def compressor() -> Any:
+    return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+def chunk_rows_for(rows_per_unit: int, limit: int = MAX_CHUNK_ROWS) -> int:
+    """The largest divisor of ``rows_per_unit`` up to ``limit``: chunks tile shards exactly."""
+    for size in range(min(limit, rows_per_unit), 0, -1):
+        if rows_per_unit % size == 0:
+            return size
+    return 1
+
+
+def check_compatible(existing: dict[str, Any], manifest: Manifest) -> None:
+    """Refuse a job whose shaping fields differ from the store's, naming the field."""
+    old_job, new_job = existing.get("job", {}), manifest.job
+    for field in SHAPING_FIELDS:
+        if _norm(old_job.get(field)) != _norm(new_job.get(field)):
+            raise StoreMismatchError(
+                f"the store was written with {field}={old_job.get(field)!r} but the job has "
+                f"{field}={new_job.get(field)!r}; use another `store`, or --overwrite to replace it"
+            )
+    old_model = existing.get("model", {})
+    if old_model.get("weights_hash") != manifest.model.weights_hash:
+        raise StoreMismatchError(
+            f"the weights of model {manifest.model.name!r} differ from those that wrote the store; "
+            "use another `store`, or --overwrite to replace it"
+        )
+    if existing.get("format_version") != manifest.format_version:
+        raise StoreMismatchError(
+            f"the store has format version {existing.get('format_version')}, this actcache "
+            f"writes {manifest.format_version}; use another `store`, or --overwrite"
+        )
+
+
+def _norm(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple | list) else value
+
+
+def create_store(group: Any, manifest: Manifest) -> None:
+    """Create every array of a new store, empty (shape 0 along rows)."""
+    rpu, chunk, hidden = manifest.rows_per_unit, manifest.chunk_rows, manifest.model.hidden_size
+    rows = group.require_group(layout.ROWS_GROUP)
+    group.require_group(layout.UNITS_GROUP)
+    string_opts = {"dtype": str, "fill_value": ""}
+    for key, opts in (
+        (layout.IDS_KEY, string_opts),
+        (layout.HASH_KEY, string_opts),
+        (layout.META_KEY, string_opts),
+        (layout.SEQ_KEY, {"dtype": "int64", "fill_value": -1}),
+        (layout.TRUNCATED_KEY, {"dtype": "bool", "fill_value": False}),
+    ):
+        rows.create_array(
+            key.split("/", 1)[1], shape=(0,), chunks=(chunk,), shards=(rpu,), **opts
+        )
+    np_dtype = "uint16" if manifest.dtype == "bfloat16" else manifest.dtype
+    attrs = {layout.DTYPE_ATTR: manifest.dtype}
+    for pooling in manifest.poolings:
+        pgroup = group.require_group(pooling)
+        shard_rows = rpu
+        chunk_rows = chunk
+        if pooling == "tokens":
+            shard_rows = layout.token_slots_per_unit(rpu, manifest.max_length)
+            chunk_rows = chunk_rows_for(shard_rows, MAX_TOKEN_CHUNK)
+        for layer in manifest.layers:
+            pgroup.create_array(
+                f"layer_{layer}",
+                shape=(0, hidden),
+                chunks=(chunk_rows, hidden),
+                shards=(shard_rows, hidden),
+                dtype=np_dtype,
+                fill_value=0,
+                compressors=compressor(),
+                attributes=attrs,
+                dimension_names=("slot" if pooling != "tokens" else "token_slot", "hidden"),
+            )
+    if "tokens" in manifest.poolings:
+        rows.create_array("token_offset", shape=(0,), chunks=(chunk,), shards=(rpu,), dtype="int64", fill_value=-1)
+        rows.create_array("token_length", shape=(0,), chunks=(chunk,), shards=(rpu,), dtype="int32", fill_value=0)
+    group.attrs.update({layout.MANIFEST_ATTR: manifest.model_dump(mode="json"), layout.RUNS_ATTR: []})
+
+
+def row_array_keys(manifest: dict[str, Any]) -> list[str]:
+    keys = [layout.IDS_KEY, layout.HASH_KEY, layout.META_KEY, layout.SEQ_KEY, layout.TRUNCATED_KEY]
+    if "tokens" in manifest["poolings"]:
+        keys += [layout.TOKEN_OFFSET_KEY, layout.TOKEN_LENGTH_KEY]
+    keys += [
+        layout.activation_key(p, layer)
+        for p in manifest["poolings"]
+        if p != "tokens"
+        for layer in manifest["layers"]
+    ]
+    return keys
+
+
+def grow(group: Any, manifest: dict[str, Any], n_units: int) -> dict[str, Any]:
+    """Resize every array to hold ``n_units`` units; returns the updated manifest."""
+    if n_units <= int(manifest.get("n_units", 0)):
+        return manifest
+    rpu = int(manifest["rows_per_unit"])
+    for key in row_array_keys(manifest):
+        arr = group[key]
+        arr.resize((n_units * rpu, *arr.shape[1:]))
+    if "tokens" in manifest["poolings"]:
+        slots = layout.token_slots_per_unit(rpu, int(manifest["max_length"]))
+        for layer in manifest["layers"]:
+            arr = group[layout.activation_key("tokens", layer)]
+            arr.resize((n_units * slots, arr.shape[1]))
+    updated = {**manifest, "n_units": n_units}
+    group.attrs.update({layout.MANIFEST_ATTR: updated})
+    return updated
+
+
+def unit_slots(n_units: int, rows_per_unit: int) -> np.ndarray:
+    return np.arange(n_units, dtype=np.int64) * rows_per_unit

@@ -1,0 +1,136 @@
+"""Reading a job's inputs (jsonl, csv, parquet at any fsspec URL) into validated rows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from actcache.schemas.errors import InputDataError, InputFileNotFoundError
+
+FORMATS = ("jsonl", "csv", "parquet")
+
+
+@dataclass(frozen=True)
+class InputRows:
+    """The inputs, in input order: ids, model inputs, content hashes, metadata JSON."""
+
+    ids: list[str]
+    texts: list[str]
+    hashes: list[str]
+    meta: list[str]
+    columns: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def content_hash(text: str) -> str:
+    """Hash of what the model sees: an edited text is re-cached, a metadata edit is not."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def input_format(url: str) -> str:
+    lowered = url.lower().removesuffix(".gz")
+    for suffix, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl"),
+                        (".csv", "csv"), (".parquet", "parquet"), (".pq", "parquet")):
+        if lowered.endswith(suffix):
+            return fmt
+    raise InputDataError(
+        f"cannot tell the format of inputs {url!r}: name it .jsonl, .csv or .parquet"
+    )
+
+
+def read_records(url: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    import fsspec
+
+    fmt = input_format(url)
+    try:
+        with fsspec.open(url, "rb", compression="infer", **(storage_options or {})) as f:
+            data = f.read()
+    except FileNotFoundError as e:
+        raise InputFileNotFoundError(
+            f"inputs file {url!r} does not exist; fix `inputs` in the job (relative paths "
+            "resolve against the job file's folder)"
+        ) from e
+    if fmt == "jsonl":
+        return _parse_jsonl(data.decode("utf-8"), url)
+    import io
+
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(io.BytesIO(data)) if fmt == "csv" else pd.read_parquet(io.BytesIO(data))
+    except Exception as e:
+        raise InputDataError(f"cannot read {fmt} inputs {url!r}: {e}") from e
+    return [_plain(record) for record in frame.to_dict(orient="records")]
+
+
+def _parse_jsonl(text: str, url: str) -> list[dict[str, Any]]:
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputDataError(
+                f"{url}: line {number} is not valid JSON ({e.msg}); fix or remove that line"
+            ) from e
+        if not isinstance(record, dict):
+            raise InputDataError(f"{url}: line {number} is not a JSON object")
+        records.append(record)
+    return records
+
+
+def _plain(record: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in record.items():
+        if hasattr(value, "item"):
+            value = value.item()
+        if isinstance(value, float) and math.isnan(value):
+            value = None
+        out[str(key)] = value
+    return out
+
+
+def load_inputs(
+    url: str,
+    text_column: str,
+    id_column: str | None,
+    storage_options: dict[str, Any] | None = None,
+) -> InputRows:
+    records = read_records(url, storage_options)
+    if not records:
+        raise InputDataError(f"inputs {url!r} hold no rows")
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    for column, what in ((text_column, "text_column"), (id_column, "id_column")):
+        if column is not None and column not in columns:
+            raise InputDataError(
+                f"inputs {url!r} have no column {column!r} (set by `{what}`); "
+                f"columns found: {', '.join(columns)}"
+            )
+    ids, texts, hashes, meta = [], [], [], []
+    seen: dict[str, int] = {}
+    for number, record in enumerate(records):
+        text = record.get(text_column)
+        row_id = str(record[id_column]) if id_column is not None else str(number)
+        if not isinstance(text, str) or not text.strip():
+            raise InputDataError(
+                f"row {number} (id {row_id!r}) has an empty or non-text {text_column!r}; "
+                "remove it or give it text"
+            )
+        if row_id in seen:
+            raise InputDataError(
+                f"id {row_id!r} appears twice (rows {seen[row_id]} and {number}); ids must be unique"
+            )
+        seen[row_id] = number
+        ids.append(row_id)
+        texts.append(text)
+        hashes.append(content_hash(text))
+        extra = {k: v for k, v in record.items() if k not in (text_column, id_column)}
+        meta.append(json.dumps(extra, sort_keys=True, default=str, ensure_ascii=False))
+    meta_columns = [c for c in columns if c not in (text_column, id_column)]
+    return InputRows(ids, texts, hashes, meta, meta_columns)

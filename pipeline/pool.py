@@ -1,0 +1,148 @@
+"""The actor pool: one Ray actor per GPU (or CPU slot group), units handed out as they free up.
+
+Why a small pool of our own rather than Ray Data's ``map_batches``: each unit is one
+call whose receipt must come back only after the unit's commit, progress is counted in
+rows per receipt, and an actor keeps two units in flight (one computing, one writing).
+Ray Data would add block bookkeeping and its own progress output for no gain here. We
+keep what matters from it: actors load the model once, a dead actor is replaced and its
+units retried (at-least-once, safe because a unit owns its shards and commits last).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from actcache.schemas.errors import UserError
+from actcache.schemas.store import UnitReceipt, UnitTask
+from actcache.workers.actor import CachingWorker
+from actcache.workers.storage import storage_env
+
+IN_FLIGHT_PER_ACTOR = 2
+MAX_ATTEMPTS = 3
+
+
+def worker_options(workers: int | None, cpus_per_worker: int | None) -> tuple[int, dict[str, Any]]:
+    """(number of actors, Ray options for each) from the cluster's resources."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    cpus = max(1, int(resources.get("CPU", 1)))
+    if gpus:
+        count = workers or gpus
+        if count > gpus:
+            raise UserError(
+                f"`workers: {count}` asks for more actors than the cluster's {gpus} GPUs; "
+                f"set `workers` to at most {gpus}"
+            )
+        return count, {"num_gpus": 1, "num_cpus": cpus_per_worker or 1}
+    count = workers or 1
+    per = cpus_per_worker or max(1, cpus // count)
+    return count, {"num_cpus": per}
+
+
+class ActorPool:
+    """Runs unit tasks on ``count`` actors; calls ``on_receipt`` as each unit commits."""
+
+    def __init__(
+        self,
+        store_url: str,
+        manifest: dict[str, Any],
+        storage_options: dict[str, Any] | None,
+        count: int,
+        options: dict[str, Any],
+        worker_cls: type = CachingWorker,
+    ) -> None:
+        import ray
+
+        env = storage_env()
+        self._cls = ray.remote(worker_cls).options(
+            max_concurrency=IN_FLIGHT_PER_ACTOR,
+            runtime_env={"env_vars": env} if env else None,
+            **options,
+        )
+        threads = int(options.get("num_cpus", 1))
+        self._args = (store_url, manifest, storage_options, threads)
+        self.actors = [self._new() for _ in range(count)]
+
+    def _new(self) -> Any:
+        return self._cls.remote(*self._args)
+
+    def run(self, tasks: list[UnitTask], on_receipt: Callable[[UnitReceipt], None]) -> None:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        queue = list(reversed(tasks))
+        attempts: dict[int, int] = {}
+        in_flight: dict[Any, tuple[int, UnitTask]] = {}
+
+        def submit(slot: int) -> None:
+            task = queue.pop()
+            attempts[task.unit] = attempts.get(task.unit, 0) + 1
+            ref = self.actors[slot].process.remote(task.model_dump())
+            in_flight[ref] = (slot, task)
+
+        for slot in range(len(self.actors)):
+            for _ in range(IN_FLIGHT_PER_ACTOR):
+                if queue:
+                    submit(slot)
+        while in_flight:
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            ref = done[0]
+            slot, task = in_flight.pop(ref)
+            try:
+                receipt = UnitReceipt.model_validate(ray.get(ref))
+            except RayTaskError as e:
+                cause = e.cause if isinstance(e.cause, BaseException) else e
+                raise cause from None
+            except RayActorError as e:
+                if attempts[task.unit] >= MAX_ATTEMPTS:
+                    raise RuntimeError(
+                        f"unit {task.unit} failed {MAX_ATTEMPTS} times: its actor died ({e})"
+                    ) from e
+                queue.append(task)
+                self._replace(slot, in_flight)
+            else:
+                on_receipt(receipt)
+            if queue and sum(1 for s, _ in in_flight.values() if s == slot) < IN_FLIGHT_PER_ACTOR:
+                submit(slot)
+
+    def _replace(self, slot: int, in_flight: dict[Any, tuple[int, UnitTask]]) -> None:
+        """Start a new actor for ``slot``; its other in-flight unit is lost with the old one."""
+        import ray
+
+        old = self.actors[slot]
+        self.actors[slot] = self._new()
+        for ref, (s, task) in list(in_flight.items()):
+            if s == slot:
+                # The old actor is dead, so this call fails too; resubmit it on the new actor.
+                in_flight.pop(ref)
+                in_flight[self.actors[slot].process.remote(task.model_dump())] = (slot, task)
+        ray.kill(old, no_restart=True)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
+class InlinePool:
+    """Runs units in this process, one after another: for ``memory://`` stores and tests."""
+
+    def __init__(
+        self,
+        store_url: str,
+        manifest: dict[str, Any],
+        storage_options: dict[str, Any] | None,
+        worker_cls: type = CachingWorker,
+    ) -> None:
+        self.worker = worker_cls(store_url, manifest, storage_options)
+
+    def run(self, tasks: list[UnitTask], on_receipt: Callable[[UnitReceipt], None]) -> None:
+        for task in tasks:
+            on_receipt(UnitReceipt.model_validate(self.worker.process(task)))
+
+    def shutdown(self) -> None:
+        pass

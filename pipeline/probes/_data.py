@@ -1,0 +1,295 @@
+"""Labels, splits and the streamed row blocks every probe trains on.
+
+Rows are read in contiguous, chunk-aligned blocks of every requested layer at once, so one
+read serves all layers and all strengths. Inside a block the used rows are reordered by
+role (fit, then val, then test), so each phase of training sees a contiguous slice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from actcache.schemas.errors import (
+    ColumnNotFoundError,
+    ConfigError,
+    ProbeDataError,
+    StoreIncompleteError,
+)
+from actcache.schemas.probe import ProbeConfig
+
+UNUSED, FIT, VAL, TEST = 0, 1, 2, 3
+SPLIT_VALUES = ("train", "test", "val")
+
+
+def hash_unit(ids: Sequence[str], salt: str, seed: int) -> np.ndarray:
+    """A uniform number in [0, 1) per id, stable across runs, machines and row order."""
+    out = np.empty(len(ids), dtype=np.float64)
+    for i, key in enumerate(ids):
+        digest = hashlib.blake2b(f"{seed}:{salt}:{key}".encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "little") / 2.0**64
+    return out
+
+
+@dataclass(frozen=True)
+class ProbeData:
+    """What a probe run reads: layers, pooling, labels and the role of every store row."""
+
+    layers: tuple[int, ...]
+    pooling: str
+    classes: tuple[Any, ...]
+    y: np.ndarray
+    """Class index per store row (-1 where unused)."""
+    control: np.ndarray
+    """Control-task class index per store row (-1 where unused)."""
+    role: np.ndarray
+    """UNUSED, FIT, VAL or TEST per store row."""
+    hidden: int
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def count(self, *roles: int) -> int:
+        return int(np.isin(self.role, roles).sum())
+
+
+def _classes(values: pd.Series, label: str) -> tuple[tuple[Any, ...], np.ndarray]:
+    present = values.dropna()
+    uniq = list(pd.unique(present))
+    try:
+        uniq.sort()
+    except TypeError:
+        uniq.sort(key=str)
+    classes = tuple(u.item() if isinstance(u, np.generic) else u for u in uniq)
+    if len(classes) < 2:
+        shown = repr(classes[0]) if classes else "none"
+        raise ProbeDataError(
+            f"label column {label!r} has {len(classes)} class ({shown}); a probe needs at least "
+            "two distinct labels: pick another column with --label"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[v] if v in index else -1 for v in values.where(values.notna(), None)])
+    return classes, y.astype(np.int64)
+
+
+def _split_roles(store: Any, config: ProbeConfig, used: np.ndarray) -> np.ndarray:
+    ids = list(store.ids)
+    role = np.full(len(ids), UNUSED, dtype=np.int8)
+    has_val = False
+    if config.split_column is not None:
+        col = config.split_column
+        if col not in store.metadata.columns:
+            raise ColumnNotFoundError(
+                f"split column {col!r} is not in the store's metadata; available columns: "
+                f"{', '.join(map(str, store.metadata.columns))}"
+            )
+        split = store.metadata[col]
+        text = split.astype(object).where(split.notna(), "<missing>").astype(str)
+        bad = sorted(set(text[used]) - set(SPLIT_VALUES))
+        if bad:
+            raise ProbeDataError(
+                f"split column {col!r} must hold train, test or val; found {', '.join(bad)}: "
+                "fix those values or use --test-fraction"
+            )
+        t = text.to_numpy()
+        role[used & (t == "train")] = FIT
+        role[used & (t == "val")] = VAL
+        role[used & (t == "test")] = TEST
+        has_val = bool((role == VAL).any())
+        where = f"rows with {col!r} == 'test'"
+    else:
+        test = hash_unit(ids, "test", config.seed) < config.test_fraction
+        role[used & test] = TEST
+        role[used & ~test] = FIT
+        where = f"--test-fraction {config.test_fraction} of {int(used.sum())} rows selects none"
+    if not (role == TEST).any():
+        raise ProbeDataError(f"the test split is empty: {where}; give more rows or another split")
+    if not (role == FIT).any():
+        raise ProbeDataError("the train split is empty: mark rows 'train' or lower --test-fraction")
+    if not has_val:
+        val = hash_unit(ids, "val", config.seed) < config.val_fraction
+        role[(role == FIT) & val] = VAL
+        if not (role == VAL).any() or not (role == FIT).any():
+            raise ProbeDataError(
+                f"train has too few rows ({int(np.isin(role, (FIT, VAL)).sum())}) to hold out "
+                f"{config.val_fraction:.0%} for validation: give more rows"
+            )
+    return role
+
+
+def _control_labels(ids: Sequence[str], y: np.ndarray, train: np.ndarray, k: int, seed: int
+                    ) -> np.ndarray:
+    """A fixed random class per input, drawn with the train class frequencies."""
+    freq = np.bincount(y[train], minlength=k).astype(np.float64)
+    cdf = np.cumsum(freq / freq.sum())
+    u = hash_unit(ids, "control", seed)
+    ctl = np.minimum(np.searchsorted(cdf, u, side="right"), k - 1)
+    return np.where(y >= 0, ctl, -1).astype(np.int64)
+
+
+def prepare(store: Any, config: ProbeConfig) -> ProbeData:
+    """Check the store, resolve layers/pooling, and build labels and splits."""
+    if not store.complete:
+        raise StoreIncompleteError(
+            f"store {store.url} is incomplete: some units are not cached yet; finish it with "
+            "`actcache cache JOB.yaml`, then rerun `actcache probe`"
+        )
+    pooling = store.resolve_pooling(config.pooling)
+    if pooling == "tokens":
+        raise ConfigError(
+            "probes need one row per example, not 'tokens'; choose a pooled representation "
+            f"with --pooling ({', '.join(p for p in store.poolings if p != 'tokens') or 'none'})"
+        )
+    wanted = store.layers if config.layers == "all" else config.layers
+    layers = tuple(dict.fromkeys(store.resolve_layer(int(layer)) for layer in wanted))
+    meta = store.metadata
+    if config.label not in meta.columns:
+        raise ColumnNotFoundError(
+            f"label column {config.label!r} is not in the store's metadata; available columns: "
+            f"{', '.join(map(str, meta.columns)) or 'none'}"
+        )
+    classes, y = _classes(meta[config.label], config.label)
+    used = y >= 0
+    role = _split_roles(store, config, used)
+    train = np.isin(role, (FIT, VAL))
+    for name, mask in (("train", train), ("fit part of train", role == FIT)):
+        present = np.unique(y[mask])
+        if len(present) < 2:
+            raise ProbeDataError(
+                f"the {name} split has one class only ({classes[present[0]]!r}); it needs at "
+                "least two: check the split and label columns"
+            )
+    control = _control_labels(store.ids, y, train, len(classes), config.seed)
+    return ProbeData(layers, pooling, classes, y, control, role, int(store.hidden_size))
+
+
+@dataclass
+class Block:
+    """A contiguous stretch of store rows: the used ones, ordered fit, val, test."""
+
+    start: int
+    rows: np.ndarray
+    """Store positions of the block's used rows, in block order."""
+    x: Any
+    """(layers, rows, hidden) activations: numpy raw, or the transform's output."""
+    n_fit: int
+    n_val: int
+    n_test: int
+
+    @property
+    def n_train(self) -> int:
+        return self.n_fit + self.n_val
+
+
+@dataclass
+class BlockSource:
+    """Chunk-aligned blocks of all requested layers, from memory or streamed with prefetch."""
+
+    store: Any
+    data: ProbeData
+    block_rows: int
+    cache: bool
+    seed: int = 0
+    _spans: list[tuple[int, int]] = field(default_factory=list)
+    _cached: list[Block] | None = None
+    _transform: Callable[[np.ndarray], Any] | None = None
+
+    def __post_init__(self) -> None:
+        used = np.flatnonzero(self.data.role != UNUSED)
+        step = self.block_rows
+        first = (int(used[0]) // step) * step
+        for start in range(first, int(used[-1]) + 1, step):
+            stop = min(start + step, self.store.n_rows)
+            if (self.data.role[start:stop] != UNUSED).any():
+                self._spans.append((start, stop))
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self._spans)
+
+    def set_transform(self, fn: Callable[[np.ndarray], Any]) -> None:
+        """Apply ``fn`` to every block from now on (once, to cached blocks)."""
+        self._transform = fn
+        if self._cached is not None:
+            for block in self._cached:
+                block.x = fn(block.x)
+
+    def _read(self, start: int, stop: int) -> Block:
+        role = self.data.role[start:stop]
+        order = np.concatenate([np.flatnonzero(role == r) for r in (FIT, VAL, TEST)])
+        counts = [int((role == r).sum()) for r in (FIT, VAL, TEST)]
+        x = np.empty((len(self.data.layers), len(order), self.data.hidden), dtype=np.float32)
+        for i, layer in enumerate(self.data.layers):
+            x[i] = self.store.read_block(layer, self.data.pooling, start, stop)[order]
+        block = Block(start, start + order, x, *counts)
+        if self._transform is not None:
+            block.x = self._transform(block.x)
+        return block
+
+    def blocks(self, epoch: int = 0) -> Iterator[Block]:
+        """Every block once, in a block order shuffled per epoch (seeded)."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+        if self.cache and self._cached is None:
+            cached = [self._read(*self._spans[i]) for i in range(self.n_blocks)]
+            self._cached = cached
+        if self._cached is not None:
+            for i in order:
+                yield self._cached[i]
+            return
+        yield from self._prefetch([self._spans[i] for i in order])
+
+    def _prefetch(self, spans: list[tuple[int, int]]) -> Iterator[Block]:
+        q: queue.Queue[Any] = queue.Queue(maxsize=1)
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                for span in spans:
+                    if stop.is_set():
+                        return
+                    q.put(self._read(*span))
+                q.put(None)
+            except BaseException as exc:  # handed to the consumer, re-raised there
+                q.put(exc)
+
+        thread = threading.Thread(target=work, daemon=True, name="actcache-probe-prefetch")
+        thread.start()
+        try:
+            while (item := q.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():
+                try:
+                    q.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            thread.join()
+
+
+def plan_blocks(store: Any, data: ProbeData, budget: int, cols: int) -> tuple[int, bool]:
+    """Rows per block (a multiple of the store's chunk) and whether every block fits cached.
+
+    A streamed block lives about five times at once (being read, queued, transformed and
+    consumed); each row also carries ``cols`` float32 logits and their gradients per layer.
+    """
+    n_layers, hidden = len(data.layers), data.hidden
+    row_x = n_layers * hidden * 4
+    row_work = n_layers * cols * 4 * 4
+    n_used = data.count(FIT, VAL, TEST)
+    chunk = max(1, int(store.chunk_rows))
+    if (n_used * row_x) * 2 + chunk * (row_x + row_work) * 2 <= budget:
+        cache_rows = (budget - n_used * row_x * 2) // (2 * (row_x + row_work))
+        return max(chunk, (cache_rows // chunk) * chunk), True
+    rows = budget // (5 * row_x + row_work)
+    return max(chunk, (rows // chunk) * chunk), False

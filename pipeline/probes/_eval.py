@@ -1,0 +1,94 @@
+"""One pass over train and test rows scoring every probe of every layer at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from actcache.probes._closed import indicator
+from actcache.probes._data import BlockSource, ProbeData
+
+
+@dataclass
+class Segment:
+    """The columns of one (probe, task) in the concatenated score matrix."""
+
+    probe: str
+    task: int
+    """0 = labels, 1 = control labels."""
+    cols: slice
+    threshold: float
+    """Binary decision threshold on the single score (ridge regresses 0/1: 0.5)."""
+    correct: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    """(layers, 2) correct predictions on train, test."""
+    loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    sse: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    sy: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    syy: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    scores: list[np.ndarray] = field(default_factory=list)
+    """Binary only: (layers, rows) test scores, block by block."""
+    labels: list[np.ndarray] = field(default_factory=list)
+    """Binary only: the test labels of ``scores``, in the same order."""
+
+
+def _update(seg: Segment, s: torch.Tensor, y: np.ndarray, n_train: int, k: int) -> None:
+    """Accumulate one block's scores (layers, rows, out) for rows labelled ``y``."""
+    yt = torch.from_numpy(y).to(s.device)
+    if s.shape[-1] == 1:
+        pred = (s[..., 0] > seg.threshold).long()
+    else:
+        pred = s.argmax(-1)
+    hit = (pred == yt).double()
+    seg.correct[:, 0] += hit[:, :n_train].sum(1).cpu().numpy()
+    seg.correct[:, 1] += hit[:, n_train:].sum(1).cpu().numpy()
+    st = s[:, n_train:].double()
+    ytest = yt[n_train:]
+    if seg.probe == "logistic":
+        if k == 2:
+            loss = torch.nn.functional.softplus(st[..., 0]) - ytest.double() * st[..., 0]
+        else:
+            loss = torch.logsumexp(st, -1) - st.gather(
+                -1, ytest.view(1, -1, 1).expand(st.shape[0], -1, 1)).squeeze(-1)
+        seg.loss += loss.sum(1).cpu().numpy()
+    elif seg.probe == "ridge":
+        target = torch.from_numpy(indicator(y[n_train:], k)).to(st.device)
+        seg.sse += ((st - target) ** 2).sum(1).cpu().numpy()
+        seg.sy += target.sum(0).cpu().numpy()
+        seg.syy += (target * target).sum(0).cpu().numpy()
+    if k == 2 and seg.task == 0:
+        seg.scores.append(st[..., 0].cpu().numpy())
+        seg.labels.append(y[n_train:])
+
+
+def score_pass(source: BlockSource, data: ProbeData, weights: torch.Tensor, bias: torch.Tensor,
+               segments: list[Segment]) -> None:
+    """Score every block with (layers, hidden, cols) weights; fills the segments."""
+    n_l, k = len(data.layers), data.n_classes
+    for seg in segments:
+        width = seg.cols.stop - seg.cols.start
+        seg.correct = np.zeros((n_l, 2))
+        seg.loss = np.zeros(n_l)
+        seg.sse, seg.sy, seg.syy = np.zeros((n_l, width)), np.zeros(width), np.zeros(width)
+        seg.scores, seg.labels = [], []
+    for block in source.blocks(0):
+        if block.n_test + block.n_train == 0:
+            continue
+        order = block.rows
+        s = torch.bmm(block.x, weights.to(block.x.dtype)).float() + bias.unsqueeze(1).float()
+        for seg in segments:
+            labels = data.y if seg.task == 0 else data.control
+            _update(seg, s[..., seg.cols], labels[order], block.n_train, k)
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties counted half)."""
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    uniq, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    ranks = (first + (counts + 1) / 2.0)[inverse]
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))

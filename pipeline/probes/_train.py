@@ -1,0 +1,219 @@
+"""Logistic probes for every layer × every strength at once: batched L-BFGS over blocks.
+
+Each (layer, problem) pair is an independent L2-regularised logistic regression with
+scikit-learn's objective, scaled by the rows like scikit-learn's lbfgs does:
+``mean(loss) + ||W||² / (2 C n)`` (intercept unpenalised). One pass over the blocks
+computes the objective and gradient of all of them with one batched matmul per block
+(layers × rows × hidden @ layers × hidden × problems·classes); the L-BFGS state is per
+problem, so each converges on its own and stops at ``tol`` like scikit-learn's ``gtol``.
+Full-batch L-BFGS rather than SGD: parity with scikit-learn needs the exact optimum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from actcache.probes._data import Block, BlockSource
+
+#: Which rows a pass uses: ``fit`` (train minus validation), ``train``, ``val``.
+RowSet = str
+
+
+def _rows(block: Block, rows: RowSet) -> slice:
+    if rows == "fit":
+        return slice(0, block.n_fit)
+    if rows == "train":
+        return slice(0, block.n_train)
+    return slice(block.n_fit, block.n_train)
+
+
+@dataclass
+class LogisticBatch:
+    """``P`` problems per layer over ``K`` outputs (1 = binary sigmoid, else softmax)."""
+
+    n_layers: int
+    hidden: int
+    k: int
+    strengths: torch.Tensor
+    """(layers, P) the C of each problem."""
+    targets: list[np.ndarray]
+    """Per problem, the class index of every store row (labels or control labels)."""
+    device: torch.device
+    dtype: torch.dtype
+    """Compute dtype of the matmuls (float32 or bfloat16); the state stays float64."""
+
+    @property
+    def n_problems(self) -> int:
+        return int(self.strengths.shape[1])
+
+    def logits(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """(layers, rows, P, K) float32 logits from (layers, P, hidden + 1, K) weights."""
+        n_l, p, h1, k = theta.shape
+        w = theta[:, :, :-1, :].permute(0, 2, 1, 3).reshape(n_l, h1 - 1, p * k)
+        b = theta[:, :, -1, :].reshape(n_l, 1, p * k)
+        out = torch.bmm(x, w.to(self.dtype)).float() + b.float()
+        return out.view(n_l, x.shape[1], p, k)
+
+    def _labels(self, block: Block, sl: slice) -> torch.Tensor:
+        rows = block.rows[sl]
+        return torch.from_numpy(np.stack([t[rows] for t in self.targets], axis=1)).to(self.device)
+
+    def _loss_resid(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k == 1:
+            s = z[..., 0]
+            yf = y.to(s.dtype).unsqueeze(0)
+            loss = torch.nn.functional.softplus(s) - yf * s
+            return loss, (torch.sigmoid(s) - yf).unsqueeze(-1)
+        lse = torch.logsumexp(z, dim=-1)
+        idx = y.unsqueeze(0).unsqueeze(-1).expand(z.shape[0], -1, -1, 1)
+        loss = lse - z.gather(-1, idx).squeeze(-1)
+        resid = torch.softmax(z, dim=-1)
+        resid.scatter_add_(-1, idx, -torch.ones_like(resid[..., :1]))
+        return loss, resid
+
+    def value_grad(self, source: BlockSource, theta: torch.Tensor, rows: RowSet, epoch: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Summed loss (layers, P) and its gradient, float64, over one pass of ``rows``."""
+        f = torch.zeros(theta.shape[:2], dtype=torch.float64, device=self.device)
+        g = torch.zeros_like(theta)
+        n = 0
+        for block in source.blocks(epoch):
+            sl = _rows(block, rows)
+            x = block.x[:, sl]
+            if x.shape[1] == 0:
+                continue
+            n += x.shape[1]
+            loss, resid = self._loss_resid(self.logits(x, theta), self._labels(block, sl))
+            f += loss.sum(1).double()
+            n_l, b, p, k = resid.shape
+            gw = torch.bmm(x.transpose(1, 2), resid.reshape(n_l, b, p * k).to(self.dtype))
+            g[:, :, :-1, :] += gw.double().view(n_l, -1, p, k).permute(0, 2, 1, 3)
+            g[:, :, -1, :] += resid.sum(1).double()
+        return f, g, n
+
+    def objective(self, source: BlockSource, rows: RowSet) -> Callable[..., Any]:
+        c = self.strengths.to(torch.float64)
+        counter = {"epoch": 0}
+
+        def fun(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            counter["epoch"] += 1
+            f, g, n = self.value_grad(source, theta, rows, counter["epoch"])
+            w = theta[:, :, :-1, :]
+            reg = 1.0 / (c * n)
+            f = f / n + 0.5 * reg * (w * w).sum((2, 3))
+            g = g / n
+            g[:, :, :-1, :] += reg[:, :, None, None] * w
+            return f, g
+
+        return fun
+
+    def evaluate(self, source: BlockSource, theta: torch.Tensor, rows: RowSet
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Accuracy and mean loss (layers, P) of each problem on ``rows``."""
+        correct = torch.zeros(theta.shape[:2], dtype=torch.float64, device=self.device)
+        loss_sum = torch.zeros_like(correct)
+        n = 0
+        for block in source.blocks(0):
+            sl = _rows(block, rows)
+            x = block.x[:, sl]
+            if x.shape[1] == 0:
+                continue
+            n += x.shape[1]
+            z = self.logits(x, theta)
+            y = self._labels(block, sl)
+            loss, _ = self._loss_resid(z, y)
+            pred = (z[..., 0] > 0).long() if self.k == 1 else z.argmax(-1)
+            correct += (pred == y.unsqueeze(0)).sum(1).double()
+            loss_sum += loss.sum(1).double()
+        return (correct / n).cpu().numpy(), (loss_sum / n).cpu().numpy()
+
+
+def lbfgs(fun: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], theta0: torch.Tensor,
+          max_iter: int, tol: float, memory: int = 10) -> tuple[torch.Tensor, np.ndarray]:
+    """Minimise independent problems at once (leading two axes index them).
+
+    Per problem: L-BFGS direction, Armijo backtracking, stop when max|grad| ≤ ``tol``.
+    Returns the solution and the iterations each problem took.
+    """
+    shape = theta0.shape
+    flat = (shape[0], shape[1], -1)
+    x = theta0.clone()
+    f, g = fun(x)
+    g = g.reshape(flat)
+    hist: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    gamma = torch.ones(shape[:2], dtype=x.dtype, device=x.device)
+    active = g.abs().amax(-1) > tol
+    iters = torch.zeros(shape[:2], dtype=torch.int64, device=x.device)
+    first = torch.ones_like(active)
+    for _ in range(max_iter):
+        if not bool(active.any()):
+            break
+        d = -_two_loop(g, hist, gamma)
+        gd = (g * d).sum(-1)
+        bad = gd >= 0
+        d = torch.where(bad[..., None], -g, d)
+        scale = torch.where(first | bad, 1.0 / g.norm(dim=-1).clamp_min(1e-12), 1.0)
+        d = d * scale[..., None] * active[..., None]
+        gd = (g * d).sum(-1)
+        x_new, f_new, g_new, ok = _armijo(fun, x, f, g, d, gd, shape)
+        stuck = active & ~ok
+        step = active & ok
+        s = (x_new.reshape(flat) - x.reshape(flat)) * step[..., None]
+        yv = (g_new - g) * step[..., None]
+        sy = (s * yv).sum(-1)
+        good = step & (sy > 1e-10 * s.norm(dim=-1) * yv.norm(dim=-1))
+        rho = torch.where(good, 1.0 / sy.clamp_min(1e-300), 0.0)
+        hist.append((s * good[..., None], yv * good[..., None], rho))
+        hist = hist[-memory:]
+        gamma = torch.where(good, sy / (yv * yv).sum(-1).clamp_min(1e-300), gamma)
+        x = torch.where(step.view(*shape[:2], 1, 1), x_new, x)
+        f = torch.where(step, f_new, f)
+        g = torch.where(step[..., None], g_new, g)
+        first = first & ~step
+        iters += active.long()
+        active = active & ~stuck & (g.abs().amax(-1) > tol)
+    return x, iters.cpu().numpy()
+
+
+def _two_loop(g: torch.Tensor, hist: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+              gamma: torch.Tensor) -> torch.Tensor:
+    q = g.clone()
+    alphas = []
+    for s, y, rho in reversed(hist):
+        a = rho * (s * q).sum(-1)
+        q -= a[..., None] * y
+        alphas.append(a)
+    r = gamma[..., None] * q
+    for (s, y, rho), a in zip(hist, reversed(alphas), strict=True):
+        b = rho * (y * r).sum(-1)
+        r += s * (a - b)[..., None]
+    return r
+
+
+def _armijo(fun: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor,
+            f: torch.Tensor, g: torch.Tensor, d: torch.Tensor, gd: torch.Tensor,
+            shape: torch.Size, max_halvings: int = 30
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backtracking per problem; every trial evaluates all problems in one pass."""
+    t = torch.ones_like(f)
+    ok = d.abs().amax(-1) == 0
+    x_best, f_best, g_best = x.clone(), f.clone(), g.clone()
+    for _ in range(max_halvings):
+        trial = x + (t[..., None] * d).view(shape)
+        f_t, g_t = fun(trial)
+        g_t = g_t.reshape(g.shape)
+        new = ~ok & torch.isfinite(f_t) & (f_t <= f + 1e-4 * t * gd)
+        x_best = torch.where(new.view(*shape[:2], 1, 1), trial, x_best)
+        f_best = torch.where(new, f_t, f_best)
+        g_best = torch.where(new[..., None], g_t, g_best)
+        ok = ok | new
+        if bool(ok.all()):
+            break
+        t = torch.where(ok, t, t * 0.5)
+    moved = d.abs().amax(-1) > 0
+    return x_best, f_best, g_best, ok & moved

@@ -1,0 +1,256 @@
+"""``train_probes``: every requested probe on every layer of a store, out-of-core.
+
+Passes over the store: one for the per-layer moments (standardisation, class means), one
+per layer group for ridge's Gram matrices, one per L-BFGS evaluation for the logistic
+probes (all layers × all strengths per pass), and one that scores everything. When the
+used rows fit in ``max_memory`` they are read once and kept; otherwise every pass streams
+chunk-aligned blocks with a background prefetch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from actcache.probes import _closed, _eval
+from actcache.probes._data import BlockSource, ProbeData, plan_blocks, prepare
+from actcache.probes._train import LogisticBatch, lbfgs
+from actcache.schemas.probe import Precision, ProbeConfig, ProbeKind
+
+#: Per layer: (hidden, out) standardised-space weight and (out,) bias.
+ZWeights = list[tuple[np.ndarray, np.ndarray]]
+
+
+def pick_device() -> torch.device:
+    """The machine's accelerator when there is one, else the CPU."""
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None and acc.is_available():
+        dev = acc.current_accelerator()
+        if dev is not None:
+            return torch.device(dev.type)
+    return torch.device("cpu")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        return True
+    cap = str(torch.backends.cpu.get_cpu_capability()).upper()
+    return "BF16" in cap or "AMX" in cap
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype:
+    if precision == Precision.FP32:
+        return torch.float32
+    if precision == Precision.BF16:
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Metrics, raw-space weights and the metadata written next to them."""
+
+    metrics: pd.DataFrame
+    tensors: dict[str, np.ndarray]
+    """``{probe}.layer{L}.weight`` (out, hidden) and ``.bias`` (out,), float32, raw space."""
+    metadata: dict[str, str]
+    classes: tuple[Any, ...]
+    device: str
+    precision: str
+    iterations: dict[str, int]
+    """Largest L-BFGS iteration count per logistic phase (``select``, ``refit``)."""
+
+    def best(self) -> pd.Series:
+        """The (layer, probe) row with the highest test accuracy (earliest layer on ties)."""
+        ranked = self.metrics.sort_values(["test_accuracy", "layer"], ascending=[False, True])
+        return ranked.iloc[0]
+
+
+def _logistic(source: BlockSource, data: ProbeData, config: ProbeConfig, device: torch.device,
+              dtype: torch.dtype) -> tuple[list[float], list[ZWeights], dict[str, int]]:
+    n_l, h = len(data.layers), data.hidden
+    k = 1 if data.n_classes == 2 else data.n_classes
+    grid = torch.tensor(config.strengths, dtype=torch.float64, device=device)
+    select = LogisticBatch(n_l, h, k, grid.expand(n_l, -1).clone(), [data.y] * len(grid),
+                           device, dtype)
+    theta0 = torch.zeros((n_l, len(grid), h + 1, k), dtype=torch.float64, device=device)
+    theta, it_a = lbfgs(select.objective(source, "fit"), theta0, config.max_iter, config.tol)
+    acc, loss = select.evaluate(source, theta, "val")
+    best = [int(np.lexsort((loss[i], -acc[i]))[0]) for i in range(n_l)]
+    chosen = [float(config.strengths[b]) for b in best]
+    targets = [data.y, data.control] if config.control else [data.y]
+    strengths = torch.tensor(chosen, dtype=torch.float64, device=device)
+    refit = LogisticBatch(n_l, h, k, strengths[:, None].expand(-1, len(targets)).clone(),
+                          targets, device, dtype)
+    start = torch.zeros((n_l, len(targets), h + 1, k), dtype=torch.float64, device=device)
+    start[:, 0] = theta[torch.arange(n_l, device=device), torch.tensor(best, device=device)]
+    final, it_b = lbfgs(refit.objective(source, "train"), start, config.max_iter, config.tol)
+    out = final.cpu().numpy()
+    per_task = [[(out[i, t, :-1, :], out[i, t, -1, :]) for i in range(n_l)]
+                for t in range(len(targets))]
+    return chosen, per_task, {"select": int(it_a.max()), "refit": int(it_b.max())}
+
+
+def _ridge(source: BlockSource, data: ProbeData, config: ProbeConfig
+           ) -> tuple[list[float], list[ZWeights]]:
+    n_l, h = len(data.layers), data.hidden
+    t = 1 if data.n_classes == 2 else data.n_classes
+    # Two float64 Gram matrices per layer: group layers so they stay within the budget.
+    per_group = max(1, config.max_memory // (4 * 8 * h * h))
+    chosen: list[float] = []
+    real: ZWeights = []
+    ctrl: ZWeights = []
+    for lo in range(0, n_l, per_group):
+        group = list(range(lo, min(n_l, lo + per_group)))
+        for fit, val in _closed.gram_pass(source, data, group):
+            c, w, b = _closed.ridge_solve(fit, val, config.strengths, t)
+            chosen.append(c)
+            real.append((w[:, :t], b[:t]))
+            ctrl.append((w[:, t:], b[t:]))
+    return chosen, [real, ctrl]
+
+
+def _mean_diff(mom: _closed.Moments) -> list[ZWeights]:
+    tasks = []
+    for task in (0, 1):
+        raw = _closed.mean_diff(mom, task)
+        tasks.append([_closed.unfold(w, b, mom, i) for i, (w, b) in enumerate(raw)])
+    return tasks
+
+
+def _open(store: Any) -> Any:
+    if isinstance(store, str | Path):
+        from actcache.store import open_store
+
+        return open_store(str(store))
+    return store
+
+
+def train_probes(store: Any, config: ProbeConfig) -> ProbeResult:
+    """Train ``config.probes`` on every requested layer of ``store`` (an object or a URL)."""
+    store = _open(store)
+    data = prepare(store, config)
+    device = pick_device()
+    dtype = resolve_precision(config.precision, device)
+    k = 1 if data.n_classes == 2 else data.n_classes
+    cols = max(len(config.strengths), 2) * k * 2
+    block_rows, cache = plan_blocks(store, data, config.max_memory, cols)
+    source = BlockSource(store, data, block_rows, cache, config.seed)
+    mom = _closed.moments(source, data)
+    mean_t = torch.from_numpy(mom.mean).float().to(device)[:, None, :]
+    std_t = torch.from_numpy(mom.std).float().to(device)[:, None, :]
+    source.set_transform(lambda x: ((torch.from_numpy(x).to(device) - mean_t) / std_t).to(dtype))
+
+    fitted: dict[str, tuple[list[float] | None, list[ZWeights]]] = {}
+    iterations: dict[str, int] = {}
+    for kind in config.probes:
+        if kind == ProbeKind.RIDGE:
+            fitted[kind.value] = _ridge(source, data, config)
+        elif kind == ProbeKind.LOGISTIC:
+            chosen, tasks, iterations = _logistic(source, data, config, device, dtype)
+            fitted[kind.value] = (chosen, tasks)
+        else:
+            fitted[kind.value] = (None, _mean_diff(mom))
+    segments, weights, bias = _stack(fitted, data, device, config.control)
+    _eval.score_pass(source, data, weights, bias, segments)
+    metrics = _metrics(segments, fitted, data, config.control)
+    tensors, meta = _tensors(fitted, data, mom, store, config)
+    return ProbeResult(metrics, tensors, meta, data.classes, str(device),
+                       "bf16" if dtype == torch.bfloat16 else "fp32", iterations)
+
+
+def _stack(fitted: dict[str, tuple[list[float] | None, list[ZWeights]]], data: ProbeData,
+           device: torch.device, control: bool
+           ) -> tuple[list[_eval.Segment], torch.Tensor, torch.Tensor]:
+    segments, ws, bs, col = [], [], [], 0
+    for probe, (_, tasks) in fitted.items():
+        for task, per_layer in enumerate(tasks[: 2 if control else 1]):
+            width = per_layer[0][0].shape[1]
+            threshold = 0.5 if probe == "ridge" else 0.0
+            segments.append(_eval.Segment(probe, task, slice(col, col + width), threshold))
+            ws.append(np.stack([w for w, _ in per_layer]))
+            bs.append(np.stack([b for _, b in per_layer]))
+            col += width
+    weights = torch.from_numpy(np.concatenate(ws, axis=2)).float().to(device)
+    bias = torch.from_numpy(np.concatenate(bs, axis=1)).float().to(device)
+    return segments, weights, bias
+
+
+def _metrics(segments: list[_eval.Segment], fitted: dict[str, Any], data: ProbeData,
+             control: bool) -> pd.DataFrame:
+    n_train, n_test = data.count(1, 2), data.count(3)
+    rows = []
+    for seg in segments:
+        if seg.task != 0:
+            continue
+        strengths = fitted[seg.probe][0]
+        ctl = next((s for s in segments if s.probe == seg.probe and s.task == 1), None)
+        scores = np.concatenate(seg.scores, axis=1) if seg.scores else None
+        positive = np.concatenate(seg.labels) == 1 if seg.labels else None
+        for i, layer in enumerate(data.layers):
+            row: dict[str, Any] = {
+                "layer": layer, "probe": seg.probe,
+                "strength": strengths[i] if strengths is not None else np.nan,
+                "n_train": n_train, "n_test": n_test,
+                "train_accuracy": seg.correct[i, 0] / n_train,
+                "test_accuracy": seg.correct[i, 1] / n_test,
+                "test_auroc": np.nan,
+                "test_loss": seg.loss[i] / n_test if seg.probe == "logistic" else np.nan,
+                "control_accuracy": ctl.correct[i, 1] / n_test if ctl and control else np.nan,
+            }
+            row["selectivity"] = row["test_accuracy"] - row["control_accuracy"]
+            if scores is not None and positive is not None:
+                row["test_auroc"] = _eval.auroc(scores[i], positive)
+            if seg.probe == "ridge":
+                sst = seg.syy - seg.sy**2 / n_test
+                row["test_mse"] = seg.sse[i].sum() / (n_test * len(sst))
+                row["test_r2"] = float(np.mean(1.0 - seg.sse[i] / np.maximum(sst, 1e-300)))
+                row["test_loss"] = row["test_mse"]
+            rows.append(row)
+    columns = ["layer", "probe", "strength", "n_train", "n_test", "train_accuracy",
+               "test_accuracy", "test_auroc", "test_loss", "control_accuracy", "selectivity"]
+    if "ridge" in fitted:
+        columns += ["test_r2", "test_mse"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _tensors(fitted: dict[str, tuple[list[float] | None, list[ZWeights]]], data: ProbeData,
+             mom: _closed.Moments, store: Any, config: ProbeConfig
+             ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    from actcache import __version__
+
+    tensors: dict[str, np.ndarray] = {}
+    strengths: dict[str, dict[str, float]] = {}
+    for probe, (chosen, tasks) in fitted.items():
+        for i, layer in enumerate(data.layers):
+            w, b = _closed.fold(*tasks[0][i], mom, i)
+            tensors[f"{probe}.layer{layer}.weight"] = np.ascontiguousarray(w, dtype=np.float32)
+            tensors[f"{probe}.layer{layer}.bias"] = np.ascontiguousarray(b, dtype=np.float32)
+        if chosen is not None:
+            strengths[probe] = {str(layer): c for layer, c in zip(data.layers, chosen, strict=True)}
+    meta = {
+        "store_url": str(store.url),
+        "pooling": data.pooling,
+        "label_column": config.label,
+        "classes": json.dumps([c if isinstance(c, str | int | float | bool) else str(c)
+                               for c in data.classes]),
+        "strength_per_layer": json.dumps(strengths),
+        "layers": json.dumps(list(data.layers)),
+        "actcache_version": __version__,
+    }
+    return tensors, meta

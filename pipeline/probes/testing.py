@@ -1,0 +1,194 @@
+"""Stores made from arrays and scikit-learn references, for tests and benchmarks.
+
+``ArrayStore`` serves numpy arrays through the store read API (what ``train_probes``
+needs); ``ProceduralStore`` generates its rows on demand, so a store of any size costs no
+memory. ``sklearn_reference`` fits scikit-learn one layer and one C at a time on the same
+features, split and selection rule, for any store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from actcache.schemas.errors import LayerNotFoundError, PoolingNotFoundError
+from actcache.schemas.probe import ProbeConfig
+
+
+class _BaseStore:
+    """The read API on top of a ``_rows(layer, start, stop)`` provider."""
+
+    def __init__(self, layers: Sequence[int], hidden: int, metadata: pd.DataFrame,
+                 ids: Sequence[str] | None, chunk_rows: int, poolings: Sequence[str],
+                 url: str, complete: bool, num_hidden_layers: int | None) -> None:
+        self.layers = tuple(int(layer) for layer in layers)
+        self.hidden_size = int(hidden)
+        self.metadata = metadata.reset_index(drop=True)
+        n = len(self.metadata)
+        self.ids = tuple(ids) if ids is not None else tuple(str(i) for i in range(n))
+        self.n_rows = len(self.ids)
+        self.chunk_rows = int(chunk_rows)
+        self.poolings = tuple(poolings)
+        self.url = url
+        self.complete = complete
+        blocks = num_hidden_layers if num_hidden_layers is not None else max(self.layers)
+        self.manifest = {"layers": list(self.layers), "poolings": list(self.poolings),
+                         "hidden_size": self.hidden_size, "num_hidden_layers": blocks,
+                         "model": "synthetic", "dtype": "float32"}
+
+    def resolve_layer(self, layer: int) -> int:
+        resolved = layer + self.manifest["num_hidden_layers"] + 1 if layer < 0 else layer
+        if resolved not in self.layers:
+            raise LayerNotFoundError(
+                f"layer {layer} is not in the store; stored layers: "
+                f"{', '.join(map(str, self.layers))}"
+            )
+        return resolved
+
+    def resolve_pooling(self, pooling: str | None) -> str:
+        if pooling is None:
+            pooled = [p for p in self.poolings if p != "tokens"]
+            if len(pooled) == 1:
+                return pooled[0]
+            pooling = "<none>"
+        if pooling not in self.poolings:
+            raise PoolingNotFoundError(
+                f"pooling {pooling!r} is not in the store; stored poolings: "
+                f"{', '.join(self.poolings)}"
+            )
+        return pooling
+
+    def _rows(self, layer: int, start: int, stop: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def read_block(self, layer: int, pooling: str | None, start: int, stop: int) -> np.ndarray:
+        self.resolve_pooling(pooling)
+        return self._rows(self.resolve_layer(layer), start, min(stop, self.n_rows))
+
+    def read(self, layer: int, pooling: str | None = None,
+             rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        full = self.read_block(layer, pooling, 0, self.n_rows)
+        return full if rows is None else full[np.asarray(rows, dtype=np.int64)]
+
+    def rows_for_ids(self, ids: Sequence[str]) -> np.ndarray:
+        index = {key: i for i, key in enumerate(self.ids)}
+        return np.array([index[key] for key in ids], dtype=np.int64)
+
+
+class ArrayStore(_BaseStore):
+    """An in-memory store: ``{layer: (rows, hidden) array}`` plus a metadata frame."""
+
+    def __init__(self, x_by_layer: dict[int, np.ndarray], metadata: pd.DataFrame,
+                 ids: Sequence[str] | None = None, *, chunk_rows: int = 64,
+                 poolings: Sequence[str] = ("mean",), url: str = "memory://arrays",
+                 complete: bool = True, num_hidden_layers: int | None = None) -> None:
+        self._x = {int(k): np.ascontiguousarray(v, dtype=np.float32) for k, v in x_by_layer.items()}
+        hidden = next(iter(self._x.values())).shape[1]
+        super().__init__(sorted(self._x), hidden, metadata, ids, chunk_rows, poolings, url,
+                         complete, num_hidden_layers)
+
+    def _rows(self, layer: int, start: int, stop: int) -> np.ndarray:
+        return self._x[layer][start:stop].copy()
+
+
+class ProceduralStore(_BaseStore):
+    """Rows generated per chunk from a seed: ``label`` is ``row % classes``; each layer
+    shifts class c along its own random direction by ``signal × (layer + 1)``."""
+
+    def __init__(self, n_rows: int, layers: Sequence[int], hidden: int, *, classes: int = 2,
+                 chunk_rows: int = 256, signal: float = 0.3, seed: int = 0,
+                 url: str = "memory://procedural") -> None:
+        meta = pd.DataFrame({"label": np.arange(n_rows) % classes})
+        super().__init__(layers, hidden, meta, None, chunk_rows, ("mean",), url, True, None)
+        self._k, self._signal, self._seed = classes, signal, seed
+
+    def _chunk(self, layer: int, chunk: int) -> np.ndarray:
+        c = self.chunk_rows
+        rng = np.random.default_rng([self._seed, layer, chunk])
+        x = rng.standard_normal((c, self.hidden_size), dtype=np.float32)
+        dirs = np.random.default_rng([self._seed, layer]).standard_normal(
+            (self._k, self.hidden_size)).astype(np.float32)
+        labels = np.arange(chunk * c, chunk * c + c) % self._k
+        x += self._signal * (layer + 1) * dirs[labels]
+        return x
+
+    def _rows(self, layer: int, start: int, stop: int) -> np.ndarray:
+        c = self.chunk_rows
+        parts = [self._chunk(layer, i) for i in range(start // c, (stop - 1) // c + 1)]
+        return np.concatenate(parts)[start - (start // c) * c:stop - (start // c) * c]
+
+
+def sklearn_reference(store: Any, config: ProbeConfig, max_iter: int = 1000) -> pd.DataFrame:
+    """scikit-learn on the same standardised features, split and selection rule.
+
+    Logistic: ``LogisticRegression(C)`` per C on the fit rows, the C with the best
+    validation accuracy (ties: lower validation log-loss), refit on train. Ridge:
+    ``Ridge(alpha=1/C)`` on the class indicators, the C with the lowest validation MSE.
+    Returns one row per (layer, probe) with the strength, accuracies and the
+    standardised-space ``coef`` (out, hidden).
+    """
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.metrics import log_loss
+
+    from actcache.probes._closed import indicator
+    from actcache.probes._data import FIT, TEST, VAL, prepare
+
+    data = prepare(store, config)
+    fit, val, test = (np.flatnonzero(data.role == r) for r in (FIT, VAL, TEST))
+    train = np.sort(np.concatenate([fit, val]))
+    rows = []
+    for layer in data.layers:
+        x = store.read(layer, data.pooling)
+        mean, std = x[train].mean(0, dtype=np.float64), x[train].std(0, dtype=np.float64)
+        std[std == 0] = 1.0
+        z = (x - mean) / std
+        for kind in config.probes:
+            if kind.value == "logistic":
+                def make(c: float) -> Any:
+                    return LogisticRegression(C=c, max_iter=max_iter, tol=config.tol)
+
+                def score(m: Any) -> tuple[float, float]:
+                    return (-m.score(z[val], data.y[val]),
+                            log_loss(data.y[val], m.predict_proba(z[val]), labels=m.classes_))
+                target = data.y
+            elif kind.value == "ridge":
+                def make(c: float) -> Any:
+                    return Ridge(alpha=1.0 / c)
+
+                def score(m: Any) -> tuple[float, float]:
+                    err = m.predict(z[val]).reshape(len(val), -1) - target[val].reshape(len(val), -1)
+                    return (float(np.mean(err**2)), 0.0)
+                target = indicator(data.y, data.n_classes)
+            else:
+                continue
+            scores = [score(make(c).fit(z[fit], target[fit])) for c in config.strengths]
+            best = min(range(len(scores)), key=lambda i: scores[i])
+            model = make(config.strengths[best]).fit(z[train], target[train])
+            pred = model.predict(z)
+            if kind.value == "ridge":
+                pred = (pred > 0.5).astype(int) if pred.ndim == 1 else pred.argmax(1)
+            rows.append({"layer": layer, "probe": kind.value,
+                         "strength": float(config.strengths[best]),
+                         "train_accuracy": float(np.mean(pred[train] == data.y[train])),
+                         "test_accuracy": float(np.mean(pred[test] == data.y[test])),
+                         "coef": np.atleast_2d(model.coef_), "intercept": model.intercept_})
+    return pd.DataFrame(rows)
+
+
+def compare_with_sklearn(store: Any, config: ProbeConfig, points: float = 0.01
+                         ) -> pd.DataFrame:
+    """Train with actcache and scikit-learn; raise AssertionError when a layer's test
+    accuracy differs by more than ``points`` (a fraction). Returns both side by side."""
+    from actcache.probes.api import train_probes
+
+    ours = train_probes(store, config).metrics
+    ref = sklearn_reference(store, config)
+    both = ours.merge(ref, on=["layer", "probe"], suffixes=("", "_sklearn"))
+    gap = (both["test_accuracy"] - both["test_accuracy_sklearn"]).abs()
+    if (gap > points).any():
+        raise AssertionError(f"test accuracy differs from scikit-learn by more than {points}:\n"
+                             f"{both[['layer', 'probe', 'test_accuracy', 'test_accuracy_sklearn']]}")
+    return both

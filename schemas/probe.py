@@ -1,0 +1,148 @@
+"""The probe stage: what a ``probe.yaml`` holds and what ``actcache probe`` accepts.
+
+Defaults live here and nowhere else (the CLI's options default to None, meaning "the
+schema's"). Strengths follow scikit-learn's ``C``: the inverse L2 strength on a summed
+loss, so a larger value regularises less.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_bytes(value: object) -> int:
+    """``"512MB"`` → 512_000_000; ``"1GiB"`` → 2**30; ints pass through."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a memory size: {value!r}")
+    if isinstance(value, int | float):
+        return int(value)
+    match = _SIZE.match(str(value))
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(
+            f"not a memory size: {value!r}; write e.g. 512MB, 2GB or 1GiB"
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+class ProbeKind(StrEnum):
+    """A kind of probe."""
+
+    LOGISTIC = "logistic"
+    """L2-regularised logistic regression (binary sigmoid, multiclass softmax)."""
+    RIDGE = "ridge"
+    """Ridge regression on the class indicators, closed form (alpha = 1/C)."""
+    MEAN_DIFF = "mean-diff"
+    """Difference of class means (nearest class mean in activation space); no strength."""
+
+
+class Precision(StrEnum):
+    """Compute dtype of the probe matmuls."""
+
+    AUTO = "auto"
+    """bfloat16 where the hardware computes it natively (CUDA bf16, AVX512-BF16, AMX), else fp32."""
+    BF16 = "bf16"
+    """bfloat16 autocast with wide master weights, whatever the hardware."""
+    FP32 = "fp32"
+    """float32 throughout."""
+
+
+def _default_strengths() -> tuple[float, ...]:
+    return tuple(float(10.0**e) for e in range(-4, 3))
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+
+
+class ProbeConfig(Frozen):
+    """Which probes to train on which layers of a store, on which labels and split."""
+
+    label: str = Field(min_length=1)
+    """The metadata column holding the labels (strings, ints or bools; each value a class)."""
+    pooling: str | None = None
+    """The stored pooling to read; None when the store has exactly one non-token pooling."""
+    layers: Literal["all"] | tuple[int, ...] = "all"
+    """Hidden-state indices to probe; negatives count from the model's last hidden state."""
+    probes: tuple[ProbeKind, ...] = (ProbeKind.LOGISTIC,)
+    """The probe kinds to train, each on every layer."""
+
+    split_column: str | None = None
+    """A metadata column with values train / test / val (optional) that fixes the split."""
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    """Without ``split_column``: the fraction of rows held out for test, chosen by a hash of the id."""
+    val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    """The fraction of train used to choose the strength (by a hash of the id), unless the
+    split column has ``val`` rows."""
+
+    strengths: tuple[float, ...] = Field(default_factory=_default_strengths)
+    """The grid of C values (inverse L2 strength on the summed loss), default logspace(-4, 2, 7)."""
+    control: bool = True
+    """Also train each probe on a fixed random relabelling (Hewitt & Liang control task)."""
+    seed: int = 0
+    """Seeds the control relabelling, the hash splits and the block shuffling."""
+
+    max_memory: int = 512 * 10**6
+    """Memory budget in bytes for activation blocks ("512MB", "2GiB" accepted)."""
+    precision: Precision = Precision.AUTO
+    """Compute dtype of the matmuls."""
+    max_iter: int = Field(default=500, ge=1)
+    """Cap on L-BFGS iterations per fit (a safeguard: fits stop at ``tol``)."""
+    tol: float = Field(default=1e-4, gt=0.0)
+    """Stop a fit when the largest gradient entry of its mean objective is at most this
+    (scikit-learn's lbfgs ``gtol``)."""
+
+    out: str = "probes"
+    """The folder that receives metrics.csv, probes.safetensors and layers.png."""
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers(cls, v: object) -> object:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return (v,)
+        if isinstance(v, str) and v != "all":
+            raise ValueError(f"`layers` must be 'all' or a list of ints, got {v!r}")
+        return v
+
+    @field_validator("probes", mode="before")
+    @classmethod
+    def _probes(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = (v,)
+        if isinstance(v, list | tuple):
+            known = [p.value for p in ProbeKind]
+            for p in v:
+                if p not in known:
+                    raise ValueError(f"unknown probe {p!r}; choose from {', '.join(known)}")
+        return v
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _max_memory(cls, v: object) -> object:
+        return parse_bytes(v)
+
+    @model_validator(mode="after")
+    def _cross(self) -> ProbeConfig:
+        if self.split_column is not None and "test_fraction" in self.model_fields_set:
+            raise ValueError("Cannot specify both `split_column` and `test_fraction`")
+        if not self.probes:
+            raise ValueError("`probes` is empty: name at least one of logistic, ridge, mean-diff")
+        if len(set(self.probes)) != len(self.probes):
+            raise ValueError("`probes` names a probe twice")
+        if self.layers != "all" and not self.layers:
+            raise ValueError("`layers` is empty: give 'all' or at least one index")
+        if self.layers != "all" and len(set(self.layers)) != len(self.layers):
+            raise ValueError("`layers` names a layer twice")
+        if not self.strengths or any(c <= 0 for c in self.strengths):
+            raise ValueError("`strengths` must be a non-empty list of positive C values")
+        if self.max_memory < 1 << 20:
+            raise ValueError(f"`max_memory` of {self.max_memory} bytes is too small; give at least 1MiB")
+        return self

@@ -1,0 +1,190 @@
+"""The store's layout and records: key names, the manifest, unit receipts, run records.
+
+Everything here is pure data; the writer (``actcache.workers``) and the reader
+(``actcache.store``) share it so the layout is defined in exactly one place. See
+docs/STORE.md for the same layout in prose.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FORMAT_VERSION = 1
+"""Bumped with any change of layout."""
+
+MANIFEST_ATTR = "actcache"
+"""Root-group attribute that holds the manifest."""
+RUNS_ATTR = "actcache_runs"
+"""Root-group attribute that holds the run history (a list of RunRecord dicts)."""
+DTYPE_ATTR = "actcache.dtype"
+"""Array attribute naming the logical dtype when it differs from the zarr dtype (bfloat16)."""
+
+ROWS_GROUP = "rows"
+IDS_KEY = "rows/ids"
+SEQ_KEY = "rows/seq"
+HASH_KEY = "rows/hash"
+META_KEY = "rows/meta"
+TRUNCATED_KEY = "rows/truncated"
+TOKEN_OFFSET_KEY = "rows/token_offset"
+TOKEN_LENGTH_KEY = "rows/token_length"
+UNITS_GROUP = "units"
+LEASE_KEY = "lease/zarr.json"
+
+
+def activation_key(pooling: str, layer: int) -> str:
+    """The array holding ``layer`` (non-negative hidden-state index) under ``pooling``."""
+    return f"{pooling}/layer_{layer}"
+
+
+def unit_key(unit: int) -> str:
+    """The commit marker of ``unit``: a zero-length array whose attributes are its receipt."""
+    return f"{UNITS_GROUP}/{unit:08d}"
+
+
+def token_slots_per_unit(rows_per_unit: int, max_length: int) -> int:
+    """Token slots reserved per unit, so each unit owns whole shards of token arrays."""
+    return rows_per_unit * max_length
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelInfo(Frozen):
+    """What was loaded, resolved at planning time."""
+
+    name: str
+    """The model as the job named it."""
+    revision: str | None = None
+    """Resolved hub commit, when the model came from the hub cache."""
+    weights_hash: str
+    """sha256 fingerprint of the weight files (names, sizes, first and last MiB)."""
+    model_type: str
+    """``config.model_type`` (bert, gpt2, llama, ...)."""
+    num_hidden_layers: int
+    """Blocks in the model: hidden-state indices run 0..num_hidden_layers."""
+    hidden_size: int
+    """Width of every stored row."""
+    tokenizer: str
+    """Tokenizer (or processor) class and source."""
+    padding_side: str
+    """The tokenizer's padding side."""
+
+
+class Manifest(Frozen):
+    """The store's manifest: everything that shaped the stored values."""
+
+    format_version: int = FORMAT_VERSION
+    """Layout version; see docs/STORE.md."""
+    actcache_version: str
+    """Version of actcache that created the store."""
+    model: ModelInfo
+    """The model and tokenizer."""
+    layers: tuple[int, ...]
+    """Stored hidden-state indices, non-negative, ascending."""
+    poolings: tuple[str, ...]
+    """Stored poolings."""
+    dtype: str
+    """Storage dtype: float16, bfloat16 (uint16 bits) or float32."""
+    model_dtype: str
+    """Dtype of the forward pass."""
+    max_length: int
+    """Tokens kept per example."""
+    truncation_side: str
+    """Which end of a long input was cut."""
+    text_column: str
+    """The input column fed to the model."""
+    id_column: str | None
+    """The id column, or None for row numbers."""
+    rows_per_unit: int
+    """Rows per unit (= rows per shard of every row-indexed array)."""
+    chunk_rows: int
+    """Rows per inner chunk (the unit of reading)."""
+    codec: str
+    """Compression codec of activation arrays."""
+    n_units: int = 0
+    """Units planned so far (complete or not)."""
+    truncated: int = 0
+    """Inputs cut to max_length, over every complete row."""
+    job: dict[str, Any]
+    """The job config that created the store (no secrets)."""
+
+
+class UnitReceipt(Frozen):
+    """What an actor returns for a unit, and the unit's commit marker. Never activations."""
+
+    unit: int
+    """Unit index."""
+    slot_start: int
+    """First physical slot of the unit."""
+    rows: int
+    """Rows written."""
+    bytes: int
+    """Activation bytes written (uncompressed)."""
+    truncated: int
+    """Inputs cut to max_length in this unit."""
+    tokens: int
+    """Token positions seen (after truncation)."""
+    wall_s: float
+    """Seconds the actor spent on the unit."""
+    run_id: str
+    """The run that wrote it."""
+    host: str = ""
+    """Host of the actor."""
+
+
+RunStatus = Literal["running", "succeeded", "failed"]
+
+
+class RunRecord(Frozen):
+    """One run of a job against a store."""
+
+    run_id: str
+    """Unique id of the run."""
+    started: str
+    """ISO-8601 start time (UTC)."""
+    ended: str | None = None
+    """ISO-8601 end time (UTC), None while running or after a crash."""
+    status: RunStatus = "running"
+    """running (or crashed, when never ended), succeeded or failed."""
+    rows_added: int = 0
+    """New ids cached."""
+    rows_updated: int = 0
+    """Ids whose text changed and were re-cached."""
+    rows_metadata_updated: int = 0
+    """Ids whose metadata alone changed (nothing recomputed)."""
+    rows_skipped: int = 0
+    """Ids already complete and unchanged."""
+    rows_missing: int = 0
+    """Ids in the store but absent from this run's input (kept)."""
+    units: int = 0
+    """Units computed by this run."""
+    errors: tuple[str, ...] = Field(default_factory=tuple)
+    """Error lines, when the run failed."""
+    actcache_version: str = ""
+    """Version of actcache that ran."""
+    host: str = ""
+    """Host of the driver."""
+
+
+class UnitTask(Frozen):
+    """One unit of work as the driver hands it to an actor: the rows' inputs, not activations."""
+
+    unit: int
+    """Unit index (owns slots [slot_start, slot_start + rows_per_unit))."""
+    slot_start: int
+    """First physical slot."""
+    ids: tuple[str, ...]
+    """Row ids, in slot order."""
+    seq: tuple[int, ...]
+    """Store order of each row (order of first appearance in the inputs)."""
+    hashes: tuple[str, ...]
+    """Content hash of each row's model input."""
+    meta: tuple[str, ...]
+    """Each row's metadata columns as a JSON object."""
+    inputs: tuple[str, ...]
+    """Each row's model input (text)."""
+    run_id: str
+    """The run computing it."""

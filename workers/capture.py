@@ -1,0 +1,82 @@
+"""Forward passes that capture hidden states, stopping at the deepest requested layer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from actcache.workers.model import block_list
+
+Pooled = dict[tuple[str, int], torch.Tensor]
+
+
+class Capture:
+    """Runs ``model`` on a batch and returns float32 pooled states per (pooling, layer).
+
+    When the deepest requested layer ``k`` is below the model's last, the block list is cut
+    to ``k`` blocks, so a sweep over early layers does not pay for the rest of the model.
+    Layer ``k`` is then read from a hook on block ``k-1``: the model's own last hidden
+    state would carry its final norm, which index ``k < L`` must not.
+    """
+
+    def __init__(self, model: Any, layers: Sequence[int], n_layers: int, poolings: Sequence[str]):
+        self.model = model
+        self.layers = tuple(layers)
+        self.poolings = tuple(poolings)
+        self.n_layers = n_layers
+        self._hooked: torch.Tensor | None = None
+        self._truncated = False
+        deepest = max(self.layers)
+        blocks = block_list(model, n_layers)
+        if deepest < n_layers and blocks is not None:
+            keep = max(deepest, 1)
+            del blocks[keep:]
+            self._truncated = True
+            if deepest >= 1:
+                blocks[deepest - 1].register_forward_hook(self._hook)
+
+    def _hook(self, _module: Any, _inputs: Any, output: Any) -> None:
+        self._hooked = output[0] if isinstance(output, tuple) else output
+
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+        out = self.model(**batch, output_hidden_states=True, return_dict=True)
+        states = out.hidden_states
+        if not self._truncated:
+            return {layer: states[layer] for layer in self.layers}
+        deepest = max(self.layers)
+        result = {layer: states[layer] for layer in self.layers if layer < deepest}
+        result[deepest] = states[0] if deepest == 0 else self._hooked
+        return result
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, torch.Tensor]) -> Pooled:
+        mask = batch["attention_mask"].bool()
+        states = self.hidden_states(batch)
+        return {
+            (pooling, layer): pool(states[layer].float(), mask, pooling)
+            for layer in self.layers
+            for pooling in self.poolings
+        }
+
+
+def pool(h: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool ``h`` (batch, seq, hidden) over the positions where ``mask`` is true.
+
+    ``tokens`` returns every unmasked position, example after example: (Σ lengths, hidden).
+    """
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+    rows = torch.arange(h.shape[0], device=h.device)
+    if pooling == "first":
+        return h[rows, mask.int().argmax(1)]
+    if pooling == "last":
+        last = h.shape[1] - 1 - mask.flip(1).int().argmax(1)
+        return h[rows, last]
+    if pooling == "max":
+        return h.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
+    if pooling == "tokens":
+        return h[mask]
+    raise ValueError(f"unknown pooling {pooling!r}")

@@ -1,0 +1,143 @@
+"""Writing one unit: buffers filled batch by batch, then whole shards, then the commit.
+
+Lifecycle (as a Ray Data ``Datasink``): ``start`` allocates the unit's buffers, ``write``
+scatters a batch into them, ``complete`` writes every array region the unit owns and
+then its commit marker, last. ``failed`` writes nothing: a unit without a marker is
+incomplete and will be redone whole.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from actcache.schemas import store as layout
+from actcache.schemas.errors import OverflowStorageError
+from actcache.schemas.store import UnitReceipt, UnitTask
+
+FLOAT16_MAX = 65504.0
+
+_NUMPY_DTYPE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
+
+
+def storage_numpy_dtype(dtype: str) -> Any:
+    return _NUMPY_DTYPE[dtype]
+
+
+def to_storage(x: torch.Tensor, dtype: str, layer: int) -> np.ndarray:
+    """Cast float32 states to the storage dtype on the host; float16 overflow is an error."""
+    x = x.detach().to("cpu", torch.float32)
+    if dtype == "float32":
+        return x.numpy()
+    if dtype == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    if x.numel() and bool((x.abs() > FLOAT16_MAX).any()):
+        peak = float(x.abs().max())
+        raise OverflowStorageError(
+            f"layer {layer} has values up to {peak:.4g}, beyond float16's ±65504; "
+            "set `dtype: bfloat16` or `dtype: float32` in the job"
+        )
+    return x.to(torch.float16).numpy()
+
+
+class UnitWriter:
+    """Collects one unit's rows and writes the shards it owns."""
+
+    def __init__(self, group: Any, manifest: dict[str, Any]) -> None:
+        self.group = group
+        self.manifest = manifest
+        self.dtype = manifest["dtype"]
+        self.hidden = manifest["model"]["hidden_size"]
+        self.token_slots = layout.token_slots_per_unit(
+            manifest["rows_per_unit"], manifest["max_length"]
+        )
+        self._arrays: dict[str, Any] = {}
+
+    def array(self, key: str) -> Any:
+        if key not in self._arrays:
+            self._arrays[key] = self.group[key]
+        return self._arrays[key]
+
+    def start(self, task: UnitTask, lengths: Sequence[int]) -> None:
+        self.task = task
+        n = len(task.ids)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+        total = int(self.lengths.sum())
+        np_dtype = storage_numpy_dtype(self.dtype)
+        self.buffers: dict[tuple[str, int], np.ndarray] = {}
+        for pooling in self.manifest["poolings"]:
+            for layer in self.manifest["layers"]:
+                rows = total if pooling == "tokens" else n
+                self.buffers[(pooling, layer)] = np.empty((rows, self.hidden), dtype=np_dtype)
+
+    def write(self, rows: np.ndarray, pooled: dict[tuple[str, int], torch.Tensor]) -> None:
+        """Scatter one batch (``rows``: positions within the unit) into the buffers."""
+        for (pooling, layer), states in pooled.items():
+            values = to_storage(states, self.dtype, layer)
+            buffer = self.buffers[(pooling, layer)]
+            if pooling != "tokens":
+                buffer[rows] = values
+                continue
+            at = 0
+            for row in rows:
+                length = int(self.lengths[row])
+                start = int(self.offsets[row])
+                buffer[start : start + length] = values[at : at + length]
+                at += length
+
+    def complete(self, truncated: Sequence[bool], wall_s: float) -> UnitReceipt:
+        task = self.task
+        n = len(task.ids)
+        lo, hi = task.slot_start, task.slot_start + n
+        nbytes = 0
+        for (pooling, layer), buffer in self.buffers.items():
+            arr = self.array(layout.activation_key(pooling, layer))
+            if pooling == "tokens":
+                base = task.unit * self.token_slots
+                arr[base : base + len(buffer)] = buffer
+            else:
+                arr[lo:hi] = buffer
+            nbytes += buffer.nbytes
+        self.array(layout.IDS_KEY)[lo:hi] = np.array(task.ids, dtype=str)
+        self.array(layout.SEQ_KEY)[lo:hi] = np.array(task.seq, dtype=np.int64)
+        self.array(layout.HASH_KEY)[lo:hi] = np.array(task.hashes, dtype=str)
+        self.array(layout.META_KEY)[lo:hi] = np.array(task.meta, dtype=str)
+        self.array(layout.TRUNCATED_KEY)[lo:hi] = np.asarray(truncated, dtype=bool)
+        if "tokens" in self.manifest["poolings"]:
+            base = task.unit * self.token_slots
+            self.array(layout.TOKEN_OFFSET_KEY)[lo:hi] = self.offsets + base
+            self.array(layout.TOKEN_LENGTH_KEY)[lo:hi] = self.lengths
+        receipt = UnitReceipt(
+            unit=task.unit,
+            slot_start=task.slot_start,
+            rows=n,
+            bytes=nbytes,
+            truncated=int(np.sum(truncated)),
+            tokens=int(self.lengths.sum()),
+            wall_s=round(wall_s, 4),
+            run_id=task.run_id,
+            host=socket.gethostname(),
+        )
+        commit(self.group, receipt)
+        return receipt
+
+    def failed(self) -> None:
+        self.buffers = {}
+
+
+def commit(group: Any, receipt: UnitReceipt) -> None:
+    """Mark a unit complete: the marker is written after every byte of the unit."""
+    units = group[layout.UNITS_GROUP]
+    units.create_array(
+        name=f"{receipt.unit:08d}",
+        shape=(0,),
+        dtype="uint8",
+        attributes=json.loads(receipt.model_dump_json()),
+        overwrite=True,
+    )
