@@ -53,7 +53,7 @@ def load_job(path: str | os.PathLike[str], **overrides: Any) -> JobConfig:
             candidate = base / value
             # A model may also be a hub id ("org/name"): only rebase it when it exists here.
             if key != "model" or candidate.exists():
-                raw[key] = str(candidate.resolve()) if key != "store" else str(candidate)
+                raw[key] = os.path.normpath(candidate)
     return parse_job(raw, str(file))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ class Capture:
         self.poolings = tuple(poolings)
         self.n_layers = n_layers
         self._hooked: torch.Tensor | None = None
+        self._takes_positions = "position_ids" in inspect.signature(model.forward).parameters
         self._truncated = False
         deepest = max(self.layers)
         blocks = block_list(model, n_layers)
@@ -41,6 +43,11 @@ class Capture:
         self._hooked = output[0] if isinstance(output, tuple) else output
 
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+        if self._takes_positions and "position_ids" not in batch:
+            # Positions count real tokens only, so a left-padded example sees the same
+            # positions as it would alone (many models default to 0..T-1 regardless).
+            mask = batch["attention_mask"].long()
+            batch = {**batch, "position_ids": (mask.cumsum(-1) - 1).clamp_min(0)}
         out = self.model(**batch, output_hidden_states=True, return_dict=True)
         states = out.hidden_states
         if not self._truncated:

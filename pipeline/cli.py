@@ -1,0 +1,117 @@
+"""The ``actcache`` command line. Commands are thin: parse, call one pipeline function.
+
+Heavy imports (torch, ray, transformers) happen inside the commands so ``--help`` is
+instant. User errors exit 2 with one ``error: ...`` line; faults of the system exit 1
+with the traceback in a log file whose path the line gives.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from actcache.schemas.errors import UserError
+
+app = typer.Typer(
+    name="actcache",
+    help="Cache per-layer hidden states into Zarr stores, train probes, query activations.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command()
+def cache(
+    job: Annotated[Path, typer.Argument(help="The job YAML.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an incompatible existing store.")
+    ] = False,
+) -> None:
+    """Cache the hidden states a job asks for into its store (resumes and appends)."""
+    from actcache.driver import load_job, run_job
+
+    run_job(load_job(job), overwrite=overwrite, dry_run=dry_run, echo=typer.echo)
+
+
+@app.command()
+def info(store: Annotated[str, typer.Argument(help="Store URL (path, s3://...).")]) -> None:
+    """Show a store's manifest, rows, layers, poolings, bytes and completeness."""
+    from actcache.info import describe
+
+    typer.echo(describe(store))
+
+
+def _register_optional() -> None:
+    """Commands of the other stages, registered when their modules are present."""
+    import importlib
+
+    for module, name in (
+        ("actcache.probes.cli", "probe"),
+        ("actcache.query.cli", "query"),
+        ("actcache.ops.cli", None),
+    ):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        if name is None:
+            mod.register(app)
+        else:
+            app.command(name)(getattr(mod, f"{name}_command"))
+
+
+_register_optional()
+
+
+def log_dir() -> Path:
+    base = os.environ.get("ACTCACHE_LOG_DIR") or Path.home() / ".cache" / "actcache" / "logs"
+    return Path(base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        return 2
+    except (typer.Exit, SystemExit) as e:
+        code = getattr(e, "exit_code", getattr(e, "code", 0))
+        return int(code or 0)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    except Exception as e:
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            return e.exit_code
+        folder = log_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        log = folder / f"actcache-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+        log.write_text(traceback.format_exc())
+        typer.echo(f"error: internal error ({type(e).__name__}: {e}); traceback in {log}", err=True)
+        return 1
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,79 @@
+"""Write a probe run: metrics.csv, probes.safetensors, layers.png, and a terminal table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from actcache.probes.api import ProbeResult
+
+
+def write_outputs(result: ProbeResult, out: str | Path) -> Path:
+    """Write the three files into ``out`` (created if needed); returns the folder."""
+    from safetensors.numpy import save_file
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    result.metrics.to_csv(folder / "metrics.csv", index=False, float_format="%.6g")
+    save_file(result.tensors, str(folder / "probes.safetensors"), metadata=result.metadata)
+    plot_layers(result, folder / "layers.png")
+    return folder
+
+
+def plot_layers(result: ProbeResult, path: Path) -> None:
+    """Test accuracy (solid) and control accuracy (dashed) against layer, per probe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    for probe, group in result.metrics.groupby("probe", sort=False):
+        line = ax.plot(group["layer"], group["test_accuracy"], marker="o", label=f"{probe}")[0]
+        if group["control_accuracy"].notna().any():
+            ax.plot(group["layer"], group["control_accuracy"], linestyle="--",
+                    color=line.get_color(), label=f"{probe} control")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{result.metadata['label_column']} ({result.metadata['pooling']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float | np.floating):
+        return "" if np.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def print_report(result: ProbeResult, console: Console, out: Path | None = None) -> None:
+    """A table of the metrics and one summary line naming the best layer."""
+    from rich.table import Table
+
+    table = Table(title=f"probes on {result.metadata['label_column']!r}")
+    shown = ["layer", "probe", "strength", "train_accuracy", "test_accuracy", "test_auroc",
+             "control_accuracy", "selectivity"]
+    for col in shown:
+        table.add_column(col, justify="right" if col != "probe" else "left")
+    for _, row in result.metrics.iterrows():
+        table.add_row(*(_fmt(row[c]) for c in shown))
+    console.print(table)
+    console.print(summary_line(result, out))
+
+
+def summary_line(result: ProbeResult, out: Path | None = None) -> str:
+    best = result.best()
+    line = (f"best layer: {int(best['layer'])} ({best['probe']}, test accuracy "
+            f"{best['test_accuracy']:.3f}")
+    if not np.isnan(best["selectivity"]):
+        line += f", selectivity {best['selectivity']:.3f}"
+    line += f"); {result.device} {result.precision}"
+    return line + (f"; wrote {out}" if out is not None else "")

@@ -1,0 +1,95 @@
+"""``actcache probe``: parse into a ``ProbeConfig``, call ``train_probes``, write, report.
+
+Every option defaults to None, meaning "the schema's" (or the ``--config`` file's).
+Heavy imports (torch, the store) happen inside the command so ``--help`` stays instant.
+User errors (``UserError``) propagate to the ``actcache`` entry point, which prints them as
+one line and exits 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from actcache.schemas.errors import ConfigError
+from actcache.schemas.probe import Precision
+
+
+def parse_layers(text: str) -> str | tuple[int, ...]:
+    """``all`` or ``0,3,-1``."""
+    if text.strip() == "all":
+        return "all"
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(
+            f"--layers must be 'all' or comma-separated ints like 0,3,-1, got {text!r}"
+        ) from None
+
+
+def build_config(config: Path | None, overrides: dict[str, Any]) -> Any:
+    """The YAML file's values (if any), overridden by the options given, validated."""
+    import yaml
+    from pydantic import ValidationError
+
+    from actcache.schemas.probe import ProbeConfig
+
+    values: dict[str, Any] = {}
+    if config is not None:
+        try:
+            loaded = yaml.safe_load(config.read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read probe config {config}: {e.strerror}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"probe config {config} must be a mapping of fields")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if "label" not in values:
+        raise ConfigError("no label column: give --label COL (or `label:` in the --config file)")
+    try:
+        return ProbeConfig(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        raise ConfigError(f"invalid probe config: {where}: {err['msg']}") from None
+
+
+def probe_command(
+    store: Annotated[str, typer.Argument(help="The store's URL (local path, s3://...).")],
+    label: Annotated[str | None, typer.Option(help="Metadata column holding the labels.")] = None,
+    config: Annotated[Path | None, typer.Option(help="A probe.yaml with ProbeConfig fields.")] = None,
+    pooling: Annotated[str | None, typer.Option(help="Stored pooling to read.")] = None,
+    layers: Annotated[str | None, typer.Option(help="'all' or indices like 0,3,-1.")] = None,
+    probe: Annotated[list[str] | None, typer.Option(
+        help="logistic, ridge or mean-diff; repeat or comma-separate for several.")] = None,
+    split_column: Annotated[str | None, typer.Option(
+        help="Column with train/test/val values fixing the split.")] = None,
+    test_fraction: Annotated[float | None, typer.Option(
+        help="Fraction held out for test by a hash of the id.")] = None,
+    max_memory: Annotated[str | None, typer.Option(
+        help="Memory budget for activation blocks, e.g. 512MB.")] = None,
+    precision: Annotated[Precision | None, typer.Option(
+        help="auto: bf16 where the hardware computes it natively.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seeds control labels and splits.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for metrics, probes and plot.")] = None,
+) -> None:
+    """Train probes on every requested layer of a store at once, out-of-core."""
+    kinds = None if probe is None else tuple(
+        p.strip() for item in probe for p in item.split(",") if p.strip())
+    cfg = build_config(config, {
+        "label": label, "pooling": pooling,
+        "layers": None if layers is None else parse_layers(layers),
+        "probes": kinds, "split_column": split_column, "test_fraction": test_fraction,
+        "max_memory": max_memory, "precision": precision, "seed": seed,
+        "out": None if out is None else str(out),
+    })
+    from rich.console import Console
+
+    from actcache.probes._report import print_report, write_outputs
+    from actcache.probes.api import train_probes
+
+    result = train_probes(store, cfg)
+    folder = write_outputs(result, cfg.out)
+    print_report(result, Console(), folder)

@@ -1,0 +1,71 @@
+"""``actcache probe`` through the command line entry point."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from actcache.probes import api
+from actcache.probes.testing import ArrayStore
+
+
+@pytest.fixture
+def store_url(monkeypatch):
+    rng = np.random.default_rng(1)
+    n, h = 300, 16
+    y = rng.integers(0, 2, n)
+    x = {layer: (rng.standard_normal((n, h)) + layer * np.outer(y - 0.5, np.ones(h)) * 0.5)
+         for layer in range(3)}
+    store = ArrayStore(x, pd.DataFrame({"topic": np.where(y == 1, "b", "a")}), url="mem://s")
+    monkeypatch.setattr(api, "_open", lambda url: store if url == "mem://s" else url)
+    return "mem://s"
+
+
+def _run(capsys, *args):
+    from actcache.cli import main
+
+    code = main(["probe", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_probe_writes_outputs_and_names_the_best_layer(capsys, tmp_path, store_url):
+    cfg = tmp_path / "probe.yaml"
+    cfg.write_text("strengths: [0.01, 1.0]\nprobes: [logistic]\n")
+    code, out, err = _run(capsys, store_url, "--label", "topic", "--config", str(cfg),
+                          "--probe", "logistic,mean-diff", "--layers", "0,-1",
+                          "--out", str(tmp_path / "o"), "--precision", "fp32")
+    assert code == 0, err
+    metrics = pd.read_csv(tmp_path / "o" / "metrics.csv")
+    assert list(metrics["probe"]) == ["logistic", "logistic", "mean-diff", "mean-diff"]
+    assert set(metrics["layer"]) == {0, 2}
+    assert set(metrics["strength"].dropna()) <= {0.01, 1.0}
+    best = metrics.sort_values(["test_accuracy", "layer"], ascending=[False, True]).iloc[0]
+    assert f"best layer: {best.layer} ({best.probe}, test accuracy {best.test_accuracy:.3f}" in out
+    assert (tmp_path / "o" / "probes.safetensors").exists()
+    assert (tmp_path / "o" / "layers.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--label", "nope"], "label column 'nope' is not in the store's metadata; available "
+                              "columns: topic"),
+        (["--label", "topic", "--layers", "one"],
+         "--layers must be 'all' or comma-separated ints like 0,3,-1, got 'one'"),
+        ([], "no label column: give --label COL (or `label:` in the --config file)"),
+        (["--label", "topic", "--max-memory", "lots"],
+         "invalid probe config: max_memory: Value error, not a memory size: 'lots'; write e.g. "
+         "512MB, 2GB or 1GiB"),
+        (["--label", "topic", "--split-column", "s", "--test-fraction", "0.3"],
+         "invalid probe config: Value error, Cannot specify both `split_column` and "
+         "`test_fraction`"),
+        (["--label", "topic", "--layers", "5"],
+         "layer 5 is not in the store; stored layers: 0, 1, 2"),
+    ],
+    ids=["label", "layers", "no-label", "memory", "split-and-fraction", "layer-missing"],
+)
+def test_user_errors_exit_2_with_one_line(capsys, tmp_path, store_url, args, message):
+    code, out, err = _run(capsys, store_url, *args, "--out", str(tmp_path))
+    assert code == 2
+    assert err == f"error: {message}\n"
+    assert not (tmp_path / "metrics.csv").exists()
