@@ -55,8 +55,8 @@ def _bpe_tokenizer(padding_side: str):  # type: ignore[no-untyped-def]
     bpe.train_from_iterator(SENTENCES * 4, vocab_size=300, min_frequency=1,
                             special_tokens=["<|endoftext|>"])
     tok = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
-                            bos_token="<|endoftext|>", unk_token="<|endoftext|>")
-    tok.padding_side = padding_side
+                            bos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                            padding_side=padding_side)
     return tok
 
 
@@ -80,7 +80,9 @@ def _gpt2(folder: Path, padding_side: str) -> str:
 
     torch.manual_seed(1)
     tok = _bpe_tokenizer(padding_side)
-    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=3, n_head=4, n_positions=128)
+    eos = tok.eos_token_id
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=3, n_head=4, n_positions=128,
+                        bos_token_id=eos, eos_token_id=eos)
     GPT2Model(config).eval().save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)

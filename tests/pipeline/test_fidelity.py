@@ -53,6 +53,7 @@ def test_every_layer_and_pooling_matches_transformers(request, tmp_path, fixture
     store = cache(tmp_path, model, SENTENCES, layers=layers, pooling=POOLINGS,
                   batch_size=4, rows_per_unit=8)
     resolved = list(range(4)) if layers == "all" else layers
+    assert store.manifest["model"]["padding_side"] == ("left" if "left" in fixture else "right")
     assert store.layers == tuple(resolved)
     assert store.ids == tuple(str(i) for i in range(len(SENTENCES)))
     assert_matches(store, model, SENTENCES, resolved, "float16")
