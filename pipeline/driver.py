@@ -290,8 +290,12 @@ def _execute(
             if inline:
                 pool: Any = InlinePool(job.store, current, storage_options, cls)
             else:
+                import ray
+
                 connect_ray()
-                count, options = worker_options(job.workers, job.cpus_per_worker)
+                count, options = worker_options(
+                    job.workers, job.cpus_per_worker, ray.cluster_resources()
+                )
                 pool = ActorPool(job.store, current, storage_options, count, options, cls)
             progress = Progress(plan.pending_rows, len(plan.tasks))
             try:

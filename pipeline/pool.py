@@ -22,11 +22,14 @@ IN_FLIGHT_PER_ACTOR = 2
 MAX_ATTEMPTS = 3
 
 
-def worker_options(workers: int | None, cpus_per_worker: int | None) -> tuple[int, dict[str, Any]]:
-    """(number of actors, Ray options for each) from the cluster's resources."""
-    import ray
+def worker_options(
+    workers: int | None, cpus_per_worker: int | None, resources: dict[str, float]
+) -> tuple[int, dict[str, Any]]:
+    """(number of actors, Ray options for each) from the cluster's resources.
 
-    resources = ray.cluster_resources()
+    One actor per GPU when the cluster has GPUs; otherwise ``workers`` actors (default 1)
+    sharing the CPUs, each running torch on its share of threads.
+    """
     gpus = int(resources.get("GPU", 0))
     cpus = max(1, int(resources.get("CPU", 1)))
     if gpus:
