@@ -1,0 +1,86 @@
+"""`actcache cache` / `info` as a user runs them: plan, progress, summary, store description."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from actcache.cli import main
+from actcache.progress import Progress
+from actcache.schemas.store import UnitReceipt
+from tests.conftest import SENTENCES
+
+
+@pytest.fixture
+def job_file(tmp_path, tiny_bert) -> Path:
+    inputs = tmp_path / "data" / "in.jsonl"
+    inputs.parent.mkdir()
+    inputs.write_text("".join(json.dumps({"text": t, "topic": "x"}) + "\n" for t in SENTENCES))
+    path = tmp_path / "job.yaml"
+    # Relative paths resolve against the job file's folder.
+    path.write_text(f"model: {tiny_bert}\ninputs: data/in.jsonl\nstore: out/s.zarr\n"
+                    "layers: [0, -1]\npooling: [mean, tokens]\nrows_per_unit: 10\n")
+    return path
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(job_file, capsys):
+    assert main(["cache", str(job_file), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "layers:   0, 3" in out
+    assert f"rows:     {len(SENTENCES)} in input; {len(SENTENCES)} new" in out
+    assert "units:    3 to compute (10 rows each)" in out
+    assert "MB to write" in out
+    assert not (job_file.parent / "out").exists()
+
+
+def test_progress_reports_rows_per_second_and_units(capsys):
+    progress = Progress(rows=20, units=2)
+    for unit in range(2):
+        progress.update(UnitReceipt(unit=unit, slot_start=unit * 10, rows=10, bytes=1, truncated=0,
+                                    tokens=50, wall_s=0.1, run_id="r"))
+    progress.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("caching: 20/20 rows, 2/2 units, ")
+    assert lines[-1].endswith(" rows/s")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_console_script_caches_then_info_describes(job_file, tmp_path):
+    exe = shutil.which("actcache") or str(Path(sys.executable).parent / "actcache")
+    env = {**os.environ, "ACTCACHE_LOG_DIR": str(tmp_path / "logs")}
+    run = subprocess.run([exe, "cache", str(job_file)], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"{len(SENTENCES)} rows cached in 3 units" in run.stdout
+    assert "0 truncated inputs" in run.stdout
+    assert f"caching: {len(SENTENCES)}/{len(SENTENCES)} rows, 3/3 units" in run.stderr
+    store = job_file.parent / "out" / "s.zarr"
+    info = subprocess.run([exe, "info", str(store)], capture_output=True, text=True, env=env)
+    assert info.returncode == 0, info.stderr
+    assert "layers:      0, 3" in info.stdout
+    assert f"rows:        {len(SENTENCES)} complete" in info.stdout
+    assert "units:       3/3 complete" in info.stdout
+    assert "columns:     topic" in info.stdout
+    again = subprocess.run([exe, "cache", str(job_file)], capture_output=True, text=True,
+                           timeout=300, env=env)
+    assert again.returncode == 0
+    assert f"0 added, 0 updated, {len(SENTENCES)} skipped" in again.stdout
+
+
+def test_info_on_a_missing_store_is_one_line(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: no actcache store at '{tmp_path / 'nothing'}'"
+
+
+def test_help_does_not_import_torch_or_ray():
+    code = ("import sys; from actcache.cli import main; main(['--help']); "
+            "print('torch' in sys.modules, 'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip().endswith("False False"), out.stdout + out.stderr
