@@ -298,8 +298,13 @@ def _execute(
                 )
                 pool = ActorPool(job.store, current, storage_options, count, options, cls)
             progress = Progress(plan.pending_rows, len(plan.tasks))
+
+            def on_receipt(receipt: UnitReceipt) -> None:
+                receipts.append(receipt)
+                progress.update(receipt)
+
             try:
-                pool.run(plan.tasks, lambda r: (receipts.append(r), progress.update(r)))
+                pool.run(plan.tasks, on_receipt)
             finally:
                 progress.close()
                 pool.shutdown()

@@ -71,16 +71,15 @@ def make_plan(
         chunk = pending[start : start + rows_per_unit]
         unit = next(free)
         plan.n_units = max(plan.n_units, unit + 1)
-        ids, seq, hashes, meta, texts = zip(*chunk, strict=True)
         plan.tasks.append(
             UnitTask(
                 unit=unit,
                 slot_start=unit * rows_per_unit,
-                ids=ids,
-                seq=seq,
-                hashes=hashes,
-                meta=meta,
-                inputs=texts,
+                ids=tuple(c[0] for c in chunk),
+                seq=tuple(c[1] for c in chunk),
+                hashes=tuple(c[2] for c in chunk),
+                meta=tuple(c[3] for c in chunk),
+                inputs=tuple(c[4] for c in chunk),
                 run_id=run_id,
             )
         )

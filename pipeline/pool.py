@@ -10,6 +10,7 @@ units retried (at-least-once, safe because a unit owns its shards and commits la
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,8 @@ from actcache.workers.storage import storage_env
 
 IN_FLIGHT_PER_ACTOR = 2
 MAX_ATTEMPTS = 3
+GPUS_ENV = "ACTCACHE_GPUS_PER_WORKER"
+"""GPUs per actor (``actcache submit --gpus-per-worker``); 1 when unset."""
 
 
 def worker_options(
@@ -32,14 +35,21 @@ def worker_options(
     """
     gpus = int(resources.get("GPU", 0))
     cpus = max(1, int(resources.get("CPU", 1)))
+    per_gpu = float(os.environ.get(GPUS_ENV) or 0)
+    if per_gpu and not gpus:
+        raise UserError(
+            f"{GPUS_ENV}={per_gpu:g} (--gpus-per-worker) but the cluster has no GPUs; "
+            "drop the option or add GPU nodes"
+        )
     if gpus:
-        count = workers or gpus
-        if count > gpus:
+        per = per_gpu or 1.0
+        count = workers or max(1, int(gpus // per))
+        if count * per > gpus:
             raise UserError(
-                f"`workers: {count}` asks for more actors than the cluster's {gpus} GPUs; "
-                f"set `workers` to at most {gpus}"
+                f"`workers: {count}` with {per:g} GPUs each asks for more than the cluster's "
+                f"{gpus} GPUs; set `workers` to at most {max(1, int(gpus // per))}"
             )
-        return count, {"num_gpus": 1, "num_cpus": cpus_per_worker or 1}
+        return count, {"num_gpus": per, "num_cpus": cpus_per_worker or 1}
     count = workers or 1
     per = cpus_per_worker or max(1, cpus // count)
     return count, {"num_cpus": per}

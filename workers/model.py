@@ -94,8 +94,9 @@ def resolve_layers(requested: str | Sequence[int], n_layers: int) -> tuple[int, 
     count = n_layers + 1
     if requested == "all":
         return tuple(range(count))
-    resolved = []
+    resolved: list[int] = []
     for layer in requested:
+        layer = int(layer)
         index = layer + count if layer < 0 else layer
         if not 0 <= index < count:
             raise LayerNotFoundError(
