@@ -235,6 +235,26 @@ class Store:
     def physical_slots(self) -> np.ndarray:
         return self._slots.copy()
 
+    # -- queries (actcache.query) ---------------------------------------------------
+    def select(self, where: dict[str, Any] | None = None, ids: Sequence[str] | None = None) -> Any:
+        """Rows whose metadata match ``where`` (and, with ``ids``, among those ids)."""
+        from actcache.query import select
+
+        return select(self, where, ids)
+
+    def topk(self, layer: int, direction: Any, k: int, pooling: str | None = None) -> Any:
+        """The ``k`` rows with the largest ``X·direction``, streamed block by block."""
+        from actcache.query import topk
+
+        return topk(self, layer, direction, k, pooling)
+
+    def nearest(self, layer: int, query: Any, k: int, metric: str = "cosine",
+                pooling: str | None = None) -> Any:
+        """The ``k`` rows nearest ``query`` (cosine, dot, or euclidean as -distance)."""
+        from actcache.query import nearest
+
+        return nearest(self, layer, query, k, metric, pooling)
+
 
 def open_store(url: str, storage_options: dict[str, Any] | None = None) -> Store:
     """Open an actcache store at any fsspec URL (complete or not)."""

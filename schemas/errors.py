@@ -87,3 +87,7 @@ class ProbeDataError(UserError, ValueError):
 
 class JobSubmissionError(UserError, RuntimeError):
     """The Ray Jobs API refused a job or the job failed."""
+
+
+class ShapeMismatchError(UserError, ValueError):
+    """A vector given to a query (direction, query point) does not fit the store's width."""

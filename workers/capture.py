@@ -74,8 +74,9 @@ def pool(h: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
     ``tokens`` returns every unmasked position, example after example: (Σ lengths, hidden).
     """
     if pooling == "mean":
-        m = mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        # A batched (1 x T) @ (T x hidden) product: no masked copy of h is made.
+        m = mask.to(h.dtype)
+        return torch.einsum("bt,btd->bd", m, h) / m.sum(1, keepdim=True).clamp_min(1.0)
     rows = torch.arange(h.shape[0], device=h.device)
     if pooling == "first":
         return h[rows, mask.int().argmax(1)]

@@ -1,0 +1,21 @@
+"""Querying a store: rows by metadata or id, top-k along a direction, nearest neighbours,
+export to ``.npy`` or ``.parquet``. ``Store.select``, ``Store.topk`` and ``Store.nearest``
+delegate here."""
+
+from __future__ import annotations
+
+from actcache.query._export import export
+from actcache.query._search import METRICS, Ranking, iter_blocks, nearest, topk
+from actcache.query._select import Selection, parse_where, select
+
+__all__ = [
+    "METRICS",
+    "Ranking",
+    "Selection",
+    "export",
+    "iter_blocks",
+    "nearest",
+    "parse_where",
+    "select",
+    "topk",
+]

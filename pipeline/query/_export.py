@@ -1,0 +1,111 @@
+"""Writing a query's rows to ``.npy`` or ``.parquet``, readable without actcache.
+
+- ``.npy``: the activations alone, ``(rows, hidden)`` (``(Σ tokens, hidden)`` for the
+  ``tokens`` pooling), in the order of the result.
+- ``.parquet``: one row per result row (per token for ``tokens``): ``id``, ``token``
+  (tokens only), ``score`` (top-k and nearest only), the metadata columns, and
+  ``activation``, a fixed-size list column of ``hidden`` values.
+  ``np.stack(pd.read_parquet(p)["activation"])`` gives the matrix; with pyarrow,
+  ``t["activation"].combine_chunks().flatten().to_numpy().reshape(len(t), -1)``.
+
+``dtype="float32"`` (the default) writes exact float32; ``"stored"`` writes the store's
+dtype: float16 or float32 as such, bfloat16 as its uint16 bit patterns (widen with
+``(a.astype(np.uint32) << 16).view(np.float32)``). The parquet file's schema metadata
+``actcache`` records the store, layer, pooling and dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from actcache.schemas.errors import ConfigError
+
+if TYPE_CHECKING:
+    from actcache.store import Store
+
+FORMATS = (".npy", ".parquet")
+DTYPES = ("float32", "stored")
+RESERVED = ("id", "token", "score", "activation")
+
+
+def encode(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values read from a store, back in the store's dtype (exact)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if dtype == "float16":
+        return x.astype(np.float16)
+    if dtype == "bfloat16":
+        return (x.view(np.uint32) >> 16).astype(np.uint16)
+    return x
+
+
+def check_target(path: Path, dtype: str) -> None:
+    """Refuse an unknown format or dtype before anything is read."""
+    if path.suffix not in FORMATS:
+        raise ConfigError(f"--out {str(path)!r} must end in {' or '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+def _arrow_column(values: pd.Series) -> Any:
+    import pyarrow as pa
+
+    try:
+        return pa.array(values, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: keep them as text
+        return pa.array(values.astype(str))
+
+
+def to_table(ids: list[str], metadata: pd.DataFrame, x: np.ndarray, scores: np.ndarray | None,
+             tokens: np.ndarray | None, info: dict[str, Any]) -> Any:
+    """A pyarrow table of the rows (see the module docstring for its columns)."""
+    import pyarrow as pa
+
+    columns: dict[str, Any] = {"id": pa.array(ids, pa.string())}
+    if tokens is not None:
+        columns["token"] = pa.array(tokens, pa.int32())
+    if scores is not None:
+        columns["score"] = pa.array(np.asarray(scores, np.float32))
+    for name in metadata.columns:
+        key = f"meta_{name}" if str(name) in RESERVED else str(name)
+        columns[key] = _arrow_column(metadata[name].reset_index(drop=True))
+    hidden = x.shape[1] if x.ndim == 2 else 0
+    flat = pa.array(np.ascontiguousarray(x).reshape(-1))
+    columns["activation"] = pa.FixedSizeListArray.from_arrays(flat, hidden)
+    table = pa.table(columns)
+    return table.replace_schema_metadata({"actcache": json.dumps(info)})
+
+
+def export(path: Path, store: Store, layer: int, pooling: str | None, rows: np.ndarray,
+           scores: np.ndarray | None = None, dtype: str = "float32") -> int:
+    """Write the rows' activations (and, for parquet, ids, metadata, scores); returns rows."""
+    check_target(path, dtype)
+    name = store.resolve_pooling(pooling)
+    index = store.resolve_layer(layer)
+    x = store.read(index, name, rows=rows)
+    if dtype == "stored":
+        x = encode(x, store.dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npy":
+        np.save(path, x)
+        return len(x)
+    import pyarrow.parquet as pq
+
+    ids = [store.ids[int(i)] for i in rows]
+    meta = store.metadata.iloc[rows]
+    tokens = None
+    if name == "tokens":
+        lengths = store.token_lengths(rows)
+        repeat = np.repeat(np.arange(len(rows)), lengths)
+        ids = [ids[i] for i in repeat]
+        meta = meta.iloc[repeat]
+        tokens = np.concatenate([np.arange(n) for n in lengths]) if len(rows) else np.zeros(0)
+        scores = None if scores is None else np.asarray(scores)[repeat]
+    info = {"store": store.url, "layer": index, "pooling": name,
+            "dtype": store.dtype if dtype == "stored" else "float32"}
+    pq.write_table(to_table(ids, meta, x, scores, tokens, info), path)
+    return len(x)
