@@ -82,12 +82,8 @@ class Store:
         try:
             self.group = open_group(url, "r", storage_options)
             manifest = self.group.attrs.get(layout.MANIFEST_ATTR)
-        except (FileNotFoundError, KeyError) as e:
+        except FileNotFoundError as e:
             raise StoreNotFoundError(f"no actcache store at {url!r}") from e
-        except Exception as e:
-            if "not found" in str(e).lower() or "NodeNotFound" in type(e).__name__:
-                raise StoreNotFoundError(f"no actcache store at {url!r}") from e
-            raise
         if not manifest:
             raise StoreNotFoundError(f"{url!r} is a zarr group but not an actcache store")
         self.manifest: dict[str, Any] = dict(manifest)

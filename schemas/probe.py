@@ -21,7 +21,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
 def parse_bytes(value: object) -> int:
     """``"512MB"`` → 512_000_000; ``"1GiB"`` → 2**30; ints pass through."""
     if isinstance(value, bool):
-        raise ValueError(f"not a memory size: {value!r}")
+        raise ValueError(f"not a memory size: {value!r}")  # noqa: TRY004 (pydantic needs ValueError)
     if isinstance(value, int | float):
         return int(value)
     match = _SIZE.match(str(value))

@@ -277,6 +277,27 @@ class BlockSource:
             thread.join()
 
 
+def bound_allocator(threshold: int = 256 << 10) -> bool:
+    """Serve allocations above ``threshold`` bytes from mmap, returned to the OS on free.
+
+    glibc otherwise raises its mmap threshold after the first large free and keeps freed
+    blocks in per-thread heaps; with a reader thread allocating blocks that the trainer
+    frees, the resident set then creeps well past the budget. Linux/glibc only.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_mmap_threshold = -3
+        return bool(libc.mallopt(m_mmap_threshold, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 def plan_blocks(store: Any, data: ProbeData, budget: int, cols: int) -> tuple[int, bool]:
     """Rows per block (a multiple of the store's chunk) and whether every block fits cached.
 

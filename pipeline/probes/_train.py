@@ -91,8 +91,9 @@ class LogisticBatch:
             loss, resid = self._loss_resid(self.logits(x, theta), self._labels(block, sl))
             f += loss.sum(1).double()
             n_l, b, p, k = resid.shape
-            gw = torch.bmm(x.transpose(1, 2), resid.reshape(n_l, b, p * k).to(self.dtype))
-            g[:, :, :-1, :] += gw.double().view(n_l, -1, p, k).permute(0, 2, 1, 3)
+            # (P·K, rows) @ (rows, hidden): the row-major operand streams once, fastest on CPU
+            gw = torch.bmm(resid.reshape(n_l, b, p * k).to(self.dtype).transpose(1, 2), x)
+            g[:, :, :-1, :] += gw.double().view(n_l, p, k, -1).permute(0, 1, 3, 2)
             g[:, :, -1, :] += resid.sum(1).double()
         return f, g, n
 
@@ -133,12 +134,39 @@ class LogisticBatch:
         return (correct / n).cpu().numpy(), (loss_sum / n).cpu().numpy()
 
 
+Precond = Callable[[torch.Tensor], torch.Tensor]
+
+
+def gram_preconditioner(eig: list[tuple[np.ndarray, np.ndarray]], strengths: torch.Tensor,
+                        n: int, k: int) -> Precond:
+    """Inverse of ``c·AᵀA/n + I/(C n)`` per problem, A = [Z, 1] (the logistic Hessian at
+    zero, c = 1/4 binary, 1/K softmax, plus the penalty), from one eigendecomposition per
+    layer. Used as L-BFGS's initial inverse Hessian, it removes the ill-conditioning that
+    correlated features cause, so fits take tens of iterations rather than hundreds."""
+    dev = strengths.device
+    lam = torch.from_numpy(np.stack([e for e, _ in eig])).to(dev)
+    vec = torch.from_numpy(np.stack([v for _, v in eig])).to(dev)
+    curv = 0.25 if k == 1 else 1.0 / k
+    inv = 1.0 / (curv * lam.clamp_min(0.0)[:, :, None] / n + 1.0 / (strengths[:, None, :] * n))
+
+    def apply(q: torch.Tensor) -> torch.Tensor:
+        n_l, p = q.shape[:2]
+        qq = q.view(n_l, p, -1, k).permute(0, 2, 1, 3).reshape(n_l, -1, p * k)
+        r = torch.bmm(vec.transpose(1, 2), qq).view(n_l, -1, p, k) * inv[..., None]
+        r = torch.bmm(vec, r.reshape(n_l, -1, p * k)).view(n_l, -1, p, k)
+        return r.permute(0, 2, 1, 3).reshape(q.shape)
+
+    return apply
+
+
 def lbfgs(fun: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], theta0: torch.Tensor,
-          max_iter: int, tol: float, memory: int = 10) -> tuple[torch.Tensor, np.ndarray]:
+          max_iter: int, tol: float, memory: int = 10, precond: Precond | None = None
+          ) -> tuple[torch.Tensor, np.ndarray]:
     """Minimise independent problems at once (leading two axes index them).
 
-    Per problem: L-BFGS direction, Armijo backtracking, stop when max|grad| ≤ ``tol``.
-    Returns the solution and the iterations each problem took.
+    Per problem: L-BFGS direction (initial inverse Hessian ``precond`` when given),
+    Armijo backtracking, stop when max|grad| ≤ ``tol``. Returns the solution and the
+    iterations each problem took.
     """
     shape = theta0.shape
     flat = (shape[0], shape[1], -1)
@@ -153,11 +181,12 @@ def lbfgs(fun: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], thet
     for _ in range(max_iter):
         if not bool(active.any()):
             break
-        d = -_two_loop(g, hist, gamma)
+        d = -_two_loop(g, hist, gamma, precond)
         gd = (g * d).sum(-1)
         bad = gd >= 0
         d = torch.where(bad[..., None], -g, d)
-        scale = torch.where(first | bad, 1.0 / g.norm(dim=-1).clamp_min(1e-12), 1.0)
+        unscaled = bad if precond is not None else first | bad
+        scale = torch.where(unscaled, 1.0 / g.norm(dim=-1).clamp_min(1e-12), 1.0)
         d = d * scale[..., None] * active[..., None]
         gd = (g * d).sum(-1)
         x_new, f_new, g_new, ok = _armijo(fun, x, f, g, d, gd, shape)
@@ -181,14 +210,14 @@ def lbfgs(fun: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], thet
 
 
 def _two_loop(g: torch.Tensor, hist: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-              gamma: torch.Tensor) -> torch.Tensor:
+              gamma: torch.Tensor, precond: Precond | None) -> torch.Tensor:
     q = g.clone()
     alphas = []
     for s, y, rho in reversed(hist):
         a = rho * (s * q).sum(-1)
         q -= a[..., None] * y
         alphas.append(a)
-    r = gamma[..., None] * q
+    r = precond(q) if precond is not None else gamma[..., None] * q
     for (s, y, rho), a in zip(hist, reversed(alphas), strict=True):
         b = rho * (y * r).sum(-1)
         r += s * (a - b)[..., None]

@@ -19,8 +19,16 @@ import pandas as pd
 import torch
 
 from actcache.probes import _closed, _eval
-from actcache.probes._data import BlockSource, ProbeData, plan_blocks, prepare
-from actcache.probes._train import LogisticBatch, lbfgs
+from actcache.probes._data import (
+    FIT,
+    VAL,
+    BlockSource,
+    ProbeData,
+    bound_allocator,
+    plan_blocks,
+    prepare,
+)
+from actcache.probes._train import LogisticBatch, gram_preconditioner, lbfgs
 from actcache.schemas.probe import Precision, ProbeConfig, ProbeKind
 
 #: Per layer: (hidden, out) standardised-space weight and (out,) bias.
@@ -89,7 +97,14 @@ def _logistic(source: BlockSource, data: ProbeData, config: ProbeConfig, device:
     select = LogisticBatch(n_l, h, k, grid.expand(n_l, -1).clone(), [data.y] * len(grid),
                            device, dtype)
     theta0 = torch.zeros((n_l, len(grid), h + 1, k), dtype=torch.float64, device=device)
-    theta, it_a = lbfgs(select.objective(source, "fit"), theta0, config.max_iter, config.tol)
+    grams = _grams(source, data, config)
+    pre_a = pre_b = None
+    if grams is not None:
+        n_fit, n_train = data.count(FIT), data.count(FIT, VAL)
+        pre_a = gram_preconditioner([_aug_eig(f) for f, _ in grams], select.strengths, n_fit, k)
+        eig_b = [_aug_eig(f + v) for f, v in grams]
+    theta, it_a = lbfgs(select.objective(source, "fit"), theta0, config.max_iter, config.tol,
+                        precond=pre_a)
     acc, loss = select.evaluate(source, theta, "val")
     best = [int(np.lexsort((loss[i], -acc[i]))[0]) for i in range(n_l)]
     chosen = [float(config.strengths[b]) for b in best]
@@ -99,11 +114,30 @@ def _logistic(source: BlockSource, data: ProbeData, config: ProbeConfig, device:
                           targets, device, dtype)
     start = torch.zeros((n_l, len(targets), h + 1, k), dtype=torch.float64, device=device)
     start[:, 0] = theta[torch.arange(n_l, device=device), torch.tensor(best, device=device)]
-    final, it_b = lbfgs(refit.objective(source, "train"), start, config.max_iter, config.tol)
+    if grams is not None:
+        pre_b = gram_preconditioner(eig_b, refit.strengths, n_train, k)
+    final, it_b = lbfgs(refit.objective(source, "train"), start, config.max_iter, config.tol,
+                        precond=pre_b)
     out = final.cpu().numpy()
     per_task = [[(out[i, t, :-1, :], out[i, t, -1, :]) for i in range(n_l)]
                 for t in range(len(targets))]
     return chosen, per_task, {"select": int(it_a.max()), "refit": int(it_b.max())}
+
+
+def _grams(source: BlockSource, data: ProbeData, config: ProbeConfig) -> list[Any] | None:
+    """Fit and validation Gram matrices of every layer, when they fit half the budget."""
+    h = data.hidden
+    if 3 * len(data.layers) * (h + 1) ** 2 * 8 > config.max_memory // 2:
+        return None
+    return _closed.gram_pass(source, data, list(range(len(data.layers))))
+
+
+def _aug_eig(g: _closed._Gram) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-decomposition of AᵀA for A = [Z, 1]."""
+    h = len(g.sz)
+    a = np.empty((h + 1, h + 1))
+    a[:h, :h], a[:h, h], a[h, :h], a[h, h] = g.zz, g.sz, g.sz, g.n
+    return np.linalg.eigh(a)
 
 
 def _ridge(source: BlockSource, data: ProbeData, config: ProbeConfig
@@ -143,6 +177,16 @@ def _open(store: Any) -> Any:
 
 def train_probes(store: Any, config: ProbeConfig) -> ProbeResult:
     """Train ``config.probes`` on every requested layer of ``store`` (an object or a URL)."""
+    # Confident logits underflow exp() into subnormals, which x86 computes ~100x slower.
+    flushed = torch.set_flush_denormal(True)
+    try:
+        return _train_probes(store, config)
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)
+
+
+def _train_probes(store: Any, config: ProbeConfig) -> ProbeResult:
     store = _open(store)
     data = prepare(store, config)
     device = pick_device()
@@ -150,6 +194,8 @@ def train_probes(store: Any, config: ProbeConfig) -> ProbeResult:
     k = 1 if data.n_classes == 2 else data.n_classes
     cols = max(len(config.strengths), 2) * k * 2
     block_rows, cache = plan_blocks(store, data, config.max_memory, cols)
+    if not cache:
+        bound_allocator()
     source = BlockSource(store, data, block_rows, cache, config.seed)
     mom = _closed.moments(source, data)
     mean_t = torch.from_numpy(mom.mean).float().to(device)[:, None, :]

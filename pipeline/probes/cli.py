@@ -52,8 +52,9 @@ def build_config(config: Path | None, overrides: dict[str, Any]) -> Any:
         return ProbeConfig(**values)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        raise ConfigError(f"invalid probe config: {where}: {err['msg']}") from None
+        where = ".".join(str(p) for p in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"invalid probe config: {where + ': ' if where else ''}{msg}") from None
 
 
 def probe_command(

@@ -35,7 +35,7 @@ class _BaseStore:
         self.url = url
         self.complete = complete
         blocks = num_hidden_layers if num_hidden_layers is not None else max(self.layers)
-        self.manifest = {"layers": list(self.layers), "poolings": list(self.poolings),
+        self.manifest: dict[str, Any] = {"layers": list(self.layers), "poolings": list(self.poolings),
                          "hidden_size": self.hidden_size, "num_hidden_layers": blocks,
                          "model": "synthetic", "dtype": "float32"}
 
@@ -121,6 +121,24 @@ class ProceduralStore(_BaseStore):
         return np.concatenate(parts)[start - (start // c) * c:stop - (start // c) * c]
 
 
+def _make(logistic: bool, c: float, max_iter: int, tol: float) -> Any:
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    return LogisticRegression(C=c, max_iter=max_iter, tol=tol) if logistic else Ridge(1.0 / c)
+
+
+def _val_score(model: Any, z: np.ndarray, target: np.ndarray, logistic: bool
+               ) -> tuple[float, float]:
+    """Lower is better: (-accuracy, log-loss) for logistic, (MSE, 0) for ridge."""
+    from sklearn.metrics import log_loss
+
+    if logistic:
+        proba = model.predict_proba(z)
+        return (-model.score(z, target), log_loss(target, proba, labels=model.classes_))
+    err = model.predict(z).reshape(len(z), -1) - target.reshape(len(z), -1)
+    return (float(np.mean(err**2)), 0.0)
+
+
 def sklearn_reference(store: Any, config: ProbeConfig, max_iter: int = 1000) -> pd.DataFrame:
     """scikit-learn on the same standardised features, split and selection rule.
 
@@ -130,9 +148,6 @@ def sklearn_reference(store: Any, config: ProbeConfig, max_iter: int = 1000) -> 
     Returns one row per (layer, probe) with the strength, accuracies and the
     standardised-space ``coef`` (out, hidden).
     """
-    from sklearn.linear_model import LogisticRegression, Ridge
-    from sklearn.metrics import log_loss
-
     from actcache.probes._closed import indicator
     from actcache.probes._data import FIT, TEST, VAL, prepare
 
@@ -146,27 +161,15 @@ def sklearn_reference(store: Any, config: ProbeConfig, max_iter: int = 1000) -> 
         std[std == 0] = 1.0
         z = (x - mean) / std
         for kind in config.probes:
-            if kind.value == "logistic":
-                def make(c: float) -> Any:
-                    return LogisticRegression(C=c, max_iter=max_iter, tol=config.tol)
-
-                def score(m: Any) -> tuple[float, float]:
-                    return (-m.score(z[val], data.y[val]),
-                            log_loss(data.y[val], m.predict_proba(z[val]), labels=m.classes_))
-                target = data.y
-            elif kind.value == "ridge":
-                def make(c: float) -> Any:
-                    return Ridge(alpha=1.0 / c)
-
-                def score(m: Any) -> tuple[float, float]:
-                    err = m.predict(z[val]).reshape(len(val), -1) - target[val].reshape(len(val), -1)
-                    return (float(np.mean(err**2)), 0.0)
-                target = indicator(data.y, data.n_classes)
-            else:
+            if kind.value not in ("logistic", "ridge"):
                 continue
-            scores = [score(make(c).fit(z[fit], target[fit])) for c in config.strengths]
+            logistic = kind.value == "logistic"
+            target = data.y if logistic else indicator(data.y, data.n_classes)
+            scores = [_val_score(_make(logistic, c, max_iter, config.tol).fit(z[fit], target[fit]),
+                                 z[val], target[val], logistic) for c in config.strengths]
             best = min(range(len(scores)), key=lambda i: scores[i])
-            model = make(config.strengths[best]).fit(z[train], target[train])
+            model = _make(logistic, config.strengths[best], max_iter, config.tol)
+            model.fit(z[train], target[train])
             pred = model.predict(z)
             if kind.value == "ridge":
                 pred = (pred > 0.5).astype(int) if pred.ndim == 1 else pred.argmax(1)
