@@ -81,7 +81,8 @@ def log_dir() -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        # Outside standalone mode a command's `typer.Exit(n)` comes back as the return value.
+        code = app(args=argv, standalone_mode=False)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         return 2
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         log.write_text(traceback.format_exc())
         typer.echo(f"error: internal error ({type(e).__name__}: {e}); traceback in {log}", err=True)
         return 1
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def entry() -> None:

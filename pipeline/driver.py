@@ -143,7 +143,11 @@ def _store_exists(url: str, storage_options: dict[str, Any] | None) -> tuple[boo
 
     fs, root = filesystem(url, storage_options)
     if not fs.exists(f"{root}/zarr.json"):
-        occupied = fs.exists(root) and bool(fs.ls(root))
+        # Another run's lease alone (it is creating the store) does not make the folder
+        # foreign: that run's lease refuses this one with a message naming its holder.
+        occupied = fs.exists(root) and any(
+            e.rstrip("/").rsplit("/", 1)[-1] != "lease" for e in fs.ls(root, detail=False)
+        )
         return occupied, None
     group = open_group(url, "r", storage_options)
     return True, dict(group.attrs.get(layout.MANIFEST_ATTR) or {}) or None
