@@ -170,15 +170,48 @@ def stored_rows(url: str, storage_options: dict[str, Any] | None) -> StoredRows:
 
     store = Store(url, storage_options)
     slots = store.physical_slots()
+    complete = {r.unit for r in store.receipts}
+    n_units = int(store.manifest.get("n_units", 0))
     return StoredRows(
         ids=list(store.ids),
         seq=_gather(store.group[layout.SEQ_KEY], slots).astype("int64"),
         hashes=list(store.content_hashes()),
         meta=list(store.raw_metadata()),
         slots=slots,
-        complete_units={r.unit for r in store.receipts},
-        n_units=int(store.manifest.get("n_units", 0)),
+        complete_units=complete,
+        n_units=n_units,
+        planned_seq=_planned_seq(store.group, complete, n_units, int(store.manifest["rows_per_unit"])),
     )
+
+
+def _planned_seq(group: Any, complete: set[int], n_units: int, rows_per_unit: int) -> dict[str, int]:
+    """Ids and store order that earlier runs planned into units they did not complete."""
+    import numpy as np
+
+    open_units = [u for u in range(n_units) if u not in complete]
+    if not open_units:
+        return {}
+    slots = np.concatenate([np.arange(u * rows_per_unit, (u + 1) * rows_per_unit) for u in open_units])
+    from actcache.store import _gather
+
+    ids = _gather(group[layout.IDS_KEY], slots)
+    seq = _gather(group[layout.SEQ_KEY], slots)
+    return {str(i): int(q) for i, q in zip(ids, seq, strict=True) if q >= 0 and i}
+
+
+def _write_plan(group: Any, plan: Plan) -> None:
+    """Record each planned row's id and store order before any actor starts.
+
+    Actors write the same values again with their unit; what an interrupted run leaves
+    here lets the next run keep those rows in their planned order.
+    """
+    import numpy as np
+
+    ids_arr, seq_arr = group[layout.IDS_KEY], group[layout.SEQ_KEY]
+    for task in plan.tasks:
+        lo, hi = task.slot_start, task.slot_start + len(task.ids)
+        ids_arr[lo:hi] = np.array(task.ids, dtype=str)
+        seq_arr[lo:hi] = np.array(task.seq, dtype=np.int64)
 
 
 def connect_ray() -> None:
@@ -288,6 +321,7 @@ def _execute(
     _record(group, record)
     receipts: list[UnitReceipt] = []
     try:
+        _write_plan(group, plan)
         _apply_metadata_updates(group, plan)
         if plan.tasks:
             cls = worker_cls or CachingWorker

@@ -21,6 +21,8 @@ class StoredRows:
     slots: np.ndarray
     complete_units: set[int]
     n_units: int
+    planned_seq: dict[str, int] = field(default_factory=dict)
+    """Store order given to ids planned by an earlier run into units it never completed."""
 
 
 @dataclass
@@ -46,7 +48,9 @@ def make_plan(
 ) -> Plan:
     """Compare the inputs with the store's complete rows and pack what is new or edited."""
     position = {row_id: i for i, row_id in enumerate(stored.ids)}
-    next_seq = int(stored.seq.max()) + 1 if len(stored.seq) else 0
+    known = [int(stored.seq.max())] if len(stored.seq) else []
+    known += list(stored.planned_seq.values())
+    next_seq = max(known) + 1 if known else 0
     pending: list[tuple[str, int, str, str, str]] = []
     plan = Plan(tasks=[], n_units=stored.n_units, rows=len(inputs))
     for row_id, text, digest, meta in zip(
@@ -54,8 +58,12 @@ def make_plan(
     ):
         at = position.get(row_id)
         if at is None:
-            pending.append((row_id, next_seq, digest, meta, text))
-            next_seq += 1
+            # An id an interrupted run had planned keeps its place, so a crash does not
+            # reorder the rows of the units it left incomplete.
+            seq = stored.planned_seq.get(row_id)
+            if seq is None:
+                seq, next_seq = next_seq, next_seq + 1
+            pending.append((row_id, seq, digest, meta, text))
             plan.added += 1
         elif stored.hashes[at] != digest:
             # Re-cached alone, superseding the old row; it keeps its place in store order.

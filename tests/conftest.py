@@ -148,9 +148,15 @@ def s3_bucket(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    import s3fs
+
+    # s3fs caches filesystems by their arguments, not by the environment: drop any made
+    # for another endpoint.
+    s3fs.S3FileSystem.clear_instance_cache()
     name = f"actcache-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
-    return name
+    yield name
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]

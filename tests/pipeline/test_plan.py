@@ -92,3 +92,15 @@ def test_more_workers_than_gpus_is_refused(monkeypatch):
     monkeypatch.delenv("ACTCACHE_GPUS_PER_WORKER", raising=False)
     with pytest.raises(UserError, match="set `workers` to at most 2"):
         worker_options(3, None, {"CPU": 8, "GPU": 2})
+
+
+def test_rows_an_interrupted_run_planned_keep_their_order():
+    # Run 1 planned a..f into units 0-2 and died with only unit 1 (c, d) complete.
+    prior = StoredRows(
+        ids=["c", "d"], seq=np.array([2, 3]), hashes=[content_hash(f"text {i}") for i in "cd"],
+        meta=["{}", "{}"], slots=np.array([2, 3]), complete_units={1}, n_units=3,
+        planned_seq={"a": 0, "b": 1, "e": 4, "f": 5},
+    )
+    plan = make_plan(rows(["a", "b", "c", "d", "e", "f", "g"]), prior, 2, "r")
+    assert [(t.unit, t.ids, t.seq) for t in plan.tasks] == [
+        (0, ("a", "b"), (0, 1)), (2, ("e", "f"), (4, 5)), (3, ("g",), (6,))]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -90,31 +88,9 @@ def test_reading_a_few_ids_touches_only_their_chunks_locally(tmp_path, monkeypat
     _check_few_ids_touch_their_chunks(url, record_gets(monkeypatch, LocalStore))
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
 @pytest.mark.s3
-def test_reading_a_few_ids_touches_only_their_chunks_on_s3(s3_endpoint, monkeypatch) -> None:
-    import s3fs
-
-    for name, value in (("AWS_ENDPOINT_URL", s3_endpoint), ("AWS_ACCESS_KEY_ID", "test"),
-                        ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_DEFAULT_REGION", "us-east-1")):
-        monkeypatch.setenv(name, value)
-    s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir("query-bucket")
-    url = "s3://query-bucket/s.zarr"
+def test_reading_a_few_ids_touches_only_their_chunks_on_s3(s3_bucket, monkeypatch) -> None:
+    url = f"s3://{s3_bucket}/s.zarr"
     synthetic_store(url, _data(), _ids(), _meta(), rows_per_unit=RPU, chunk_rows=CHUNK)
     _check_few_ids_touch_their_chunks(url, record_gets(monkeypatch, FsspecStore))
     w = np.ones(HIDDEN, np.float32)
