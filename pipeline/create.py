@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import zarr
+from zarr.codecs import BloscCodec
 
 from actcache.schemas import store as layout
 from actcache.schemas.errors import StoreMismatchError
@@ -25,7 +25,7 @@ MAX_TOKEN_CHUNK = 4096
 
 
 def compressor() -> Any:
-    return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+    return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 
 
 def chunk_rows_for(rows_per_unit: int, limit: int = MAX_CHUNK_ROWS) -> int:
