@@ -4,7 +4,8 @@ Passes over the store: one for the per-layer moments (standardisation, class mea
 per layer group for ridge's Gram matrices, one per L-BFGS evaluation for the logistic
 probes (all layers × all strengths per pass), and one that scores everything. When the
 used rows fit in ``max_memory`` they are read once and kept; otherwise every pass streams
-chunk-aligned blocks with a background prefetch.
+chunk-aligned blocks with a background prefetch. A streaming run fixes glibc's mmap
+threshold for the rest of the process (``_data.bound_allocator`` says why).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def _logistic(source: BlockSource, data: ProbeData, config: ProbeConfig, device:
     select = LogisticBatch(n_l, h, k, grid.expand(n_l, -1).clone(), [data.y] * len(grid),
                            device, dtype)
     theta0 = torch.zeros((n_l, len(grid), h + 1, k), dtype=torch.float64, device=device)
-    grams = _grams(source, data, config)
+    grams = _grams(source, data)
     pre_a = pre_b = None
     if grams is not None:
         n_fit, n_train = data.count(FIT), data.count(FIT, VAL)
@@ -124,10 +125,16 @@ def _logistic(source: BlockSource, data: ProbeData, config: ProbeConfig, device:
     return chosen, per_task, {"select": int(it_a.max()), "refit": int(it_b.max())}
 
 
-def _grams(source: BlockSource, data: ProbeData, config: ProbeConfig) -> list[Any] | None:
-    """Fit and validation Gram matrices of every layer, when they fit half the budget."""
-    h = data.hidden
-    if 3 * len(data.layers) * (h + 1) ** 2 * 8 > config.max_memory // 2:
+#: Largest size of the preconditioner's float64 Gram matrices and eigenvectors (three
+#: (hidden + 1)² matrices per layer): 256 MiB covers hidden 768 over 13 layers. A fixed
+#: cap, not a share of ``max_memory``: a budget must not change which algorithm runs, or
+#: the same store would give different probes with and without ``--max-memory``.
+PRECONDITIONER_BYTES = 256 * 2**20
+
+
+def _grams(source: BlockSource, data: ProbeData) -> list[Any] | None:
+    """Fit and validation Gram matrices of every layer, when they fit the cap."""
+    if 3 * len(data.layers) * (data.hidden + 1) ** 2 * 8 > PRECONDITIONER_BYTES:
         return None
     return _closed.gram_pass(source, data, list(range(len(data.layers))))
 
@@ -195,6 +202,7 @@ def _train_probes(store: Any, config: ProbeConfig) -> ProbeResult:
     cols = max(len(config.strengths), 2) * k * 2
     block_rows, cache = plan_blocks(store, data, config.max_memory, cols)
     if not cache:
+        # Streamed blocks would otherwise pile up in glibc's heaps (see bound_allocator).
         bound_allocator()
     source = BlockSource(store, data, block_rows, cache, config.seed)
     mom = _closed.moments(source, data)

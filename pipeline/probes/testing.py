@@ -181,13 +181,15 @@ def sklearn_reference(store: Any, config: ProbeConfig, max_iter: int = 1000) -> 
     return pd.DataFrame(rows)
 
 
-def compare_with_sklearn(store: Any, config: ProbeConfig, points: float = 0.01
-                         ) -> pd.DataFrame:
-    """Train with actcache and scikit-learn; raise AssertionError when a layer's test
-    accuracy differs by more than ``points`` (a fraction). Returns both side by side."""
+def compare_with_sklearn(store: Any, config: ProbeConfig, points: float = 0.01,
+                         result: Any = None) -> pd.DataFrame:
+    """Train with actcache (unless ``result`` holds that run) and scikit-learn; raise
+    AssertionError when a layer's test accuracy differs by more than ``points`` (a
+    fraction). Returns both side by side, scikit-learn's columns suffixed ``_sklearn``
+    (its standardised-space ``coef`` and ``intercept`` unsuffixed)."""
     from actcache.probes.api import train_probes
 
-    ours = train_probes(store, config).metrics
+    ours = (result if result is not None else train_probes(store, config)).metrics
     ref = sklearn_reference(store, config)
     both = ours.merge(ref, on=["layer", "probe"], suffixes=("", "_sklearn"))
     gap = (both["test_accuracy"] - both["test_accuracy_sklearn"]).abs()
