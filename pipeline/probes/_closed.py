@@ -53,6 +53,8 @@ def moments(source: BlockSource, data: ProbeData) -> Moments:
     mean = s1 / n
     var = np.maximum(s2 / n - mean * mean, 0.0)
     std = np.sqrt(var)
+    # A spread below 1e-12 of the feature's scale is float noise, not signal (MiniLM's last
+    # layer has a dimension at ~1e-32): such features are left unscaled.
     std[std <= 1e-12 * np.maximum(1.0, np.abs(mean))] = 1.0
     cls /= np.maximum(counts, 1.0)[:, None, :, None]
     return Moments(mean, std, cls)
@@ -107,9 +109,15 @@ class _Gram:
                      self.zy + o.zy, self.yy + o.yy)
 
 
-def gram_pass(source: BlockSource, data: ProbeData, layers: list[int]
-              ) -> list[tuple[_Gram, _Gram]]:
-    """Fit-part and validation-part moments of standardised blocks (targets: labels, control)."""
+def gram_pass(source: BlockSource, data: ProbeData, layers: list[int],
+              mom: Moments | None = None) -> list[tuple[_Gram, _Gram]]:
+    """Fit-part and validation-part moments of standardised blocks (targets: labels, control).
+
+    With ``mom``, blocks hold the raw activations and are standardised here in float64:
+    ridge needs that accuracy (the Gram matrices of real hidden states are ill-conditioned,
+    and float32 or bf16 standardisation moves the solution far more than its own error).
+    Without, blocks are already standardised (good enough for a preconditioner).
+    """
     h, k = data.hidden, data.n_classes
     t = 1 if k == 2 else k
     parts = [[_Gram(0.0, np.zeros(h), np.zeros((h, h)), np.zeros(2 * t), np.zeros((h, 2 * t)),
@@ -122,7 +130,11 @@ def gram_pass(source: BlockSource, data: ProbeData, layers: list[int]
             y = np.concatenate([indicator(data.y[rows], k), indicator(data.control[rows], k)], 1)
             yt = torch.from_numpy(y)
             for j, layer in enumerate(layers):
-                z = block.x[layer, sl].to(torch.float64)
+                if mom is None:
+                    z = block.x[layer, sl].to(torch.float64)
+                else:
+                    raw = torch.as_tensor(np.asarray(block.x[layer, sl]), dtype=torch.float64)
+                    z = (raw - torch.from_numpy(mom.mean[layer])) / torch.from_numpy(mom.std[layer])
                 yd = yt.to(z.device)
                 acc = parts[j][p]
                 acc.n += len(rows)

@@ -147,7 +147,7 @@ def _aug_eig(g: _closed._Gram) -> tuple[np.ndarray, np.ndarray]:
     return np.linalg.eigh(a)
 
 
-def _ridge(source: BlockSource, data: ProbeData, config: ProbeConfig
+def _ridge(source: BlockSource, data: ProbeData, config: ProbeConfig, mom: _closed.Moments
            ) -> tuple[list[float], list[ZWeights]]:
     n_l, h = len(data.layers), data.hidden
     t = 1 if data.n_classes == 2 else data.n_classes
@@ -158,7 +158,7 @@ def _ridge(source: BlockSource, data: ProbeData, config: ProbeConfig
     ctrl: ZWeights = []
     for lo in range(0, n_l, per_group):
         group = list(range(lo, min(n_l, lo + per_group)))
-        for fit, val in _closed.gram_pass(source, data, group):
+        for fit, val in _closed.gram_pass(source, data, group, mom):
             c, w, b = _closed.ridge_solve(fit, val, config.strengths, t)
             chosen.append(c)
             real.append((w[:, :t], b[:t]))
@@ -206,6 +206,9 @@ def _train_probes(store: Any, config: ProbeConfig) -> ProbeResult:
         bound_allocator()
     source = BlockSource(store, data, block_rows, cache, config.seed)
     mom = _closed.moments(source, data)
+    # Ridge reads the raw blocks (float64 Gram matrices), before they are standardised in
+    # the training precision for the iterative probes.
+    ridge = _ridge(source, data, config, mom) if ProbeKind.RIDGE in config.probes else None
     mean_t = torch.from_numpy(mom.mean).float().to(device)[:, None, :]
     std_t = torch.from_numpy(mom.std).float().to(device)[:, None, :]
     source.set_transform(lambda x: ((torch.from_numpy(x).to(device) - mean_t) / std_t).to(dtype))
@@ -213,8 +216,8 @@ def _train_probes(store: Any, config: ProbeConfig) -> ProbeResult:
     fitted: dict[str, tuple[list[float] | None, list[ZWeights]]] = {}
     iterations: dict[str, int] = {}
     for kind in config.probes:
-        if kind == ProbeKind.RIDGE:
-            fitted[kind.value] = _ridge(source, data, config)
+        if kind == ProbeKind.RIDGE and ridge is not None:
+            fitted[kind.value] = ridge
         elif kind == ProbeKind.LOGISTIC:
             chosen, tasks, iterations = _logistic(source, data, config, device, dtype)
             fitted[kind.value] = (chosen, tasks)

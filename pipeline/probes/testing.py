@@ -121,6 +121,15 @@ class ProceduralStore(_BaseStore):
         return np.concatenate(parts)[start - (start // c) * c:stop - (start // c) * c]
 
 
+def constant_safe_std(x: np.ndarray) -> np.ndarray:
+    """Per-feature std with actcache's rule for constant features (see ``Moments``): a
+    spread below 1e-12 of the feature's scale is float noise (real hidden states have
+    dimensions at ~1e-32), scaled by 1 rather than blown up to unit variance as
+    scikit-learn's StandardScaler does."""
+    mean, std = x.mean(0), x.std(0)
+    return np.where(std <= 1e-12 * np.maximum(1.0, np.abs(mean)), 1.0, std)
+
+
 def _make(logistic: bool, c: float, max_iter: int, tol: float) -> Any:
     from sklearn.linear_model import LogisticRegression, Ridge
 
@@ -156,10 +165,8 @@ def sklearn_reference(store: Any, config: ProbeConfig, max_iter: int = 1000) -> 
     train = np.sort(np.concatenate([fit, val]))
     rows = []
     for layer in data.layers:
-        x = store.read(layer, data.pooling)
-        mean, std = x[train].mean(0, dtype=np.float64), x[train].std(0, dtype=np.float64)
-        std[std == 0] = 1.0
-        z = (x - mean) / std
+        x = store.read(layer, data.pooling).astype(np.float64)
+        z = (x - x[train].mean(0)) / constant_safe_std(x[train])
         for kind in config.probes:
             if kind.value not in ("logistic", "ridge"):
                 continue
