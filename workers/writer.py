@@ -29,20 +29,35 @@ def storage_numpy_dtype(dtype: str) -> Any:
     return _NUMPY_DTYPE[dtype]
 
 
+def bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 → bfloat16 bits (uint16), rounding to nearest even; NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = 0x7FC0
+    return rounded
+
+
 def to_storage(x: torch.Tensor, dtype: str, layer: int) -> np.ndarray:
-    """Cast float32 states to the storage dtype on the host; float16 overflow is an error."""
-    x = x.detach().to("cpu", torch.float32)
+    """Cast float32 states to the storage dtype on the host; float16 overflow is an error.
+
+    Plain numpy on purpose: this runs on the writer thread beside the forward pass, and a
+    torch op here would start a second intra-op thread team competing for the same cores.
+    """
+    values = x.detach().to("cpu", torch.float32).numpy()
     if dtype == "float32":
-        return x.numpy()
+        return values
     if dtype == "bfloat16":
-        return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    if x.numel() and bool((x.abs() > FLOAT16_MAX).any()):
-        peak = float(x.abs().max())
-        raise OverflowStorageError(
-            f"layer {layer} has values up to {peak:.4g}, beyond float16's ±65504; "
-            "set `dtype: bfloat16` or `dtype: float32` in the job"
-        )
-    return x.to(torch.float16).numpy()
+        return bfloat16_bits(values)
+    if values.size:
+        peak = float(np.max(np.abs(values)))
+        if peak > FLOAT16_MAX:
+            raise OverflowStorageError(
+                f"layer {layer} has values up to {peak:.4g}, beyond float16's ±65504; "
+                "set `dtype: bfloat16` or `dtype: float32` in the job"
+            )
+    return values.astype(np.float16)
 
 
 class UnitWriter:
