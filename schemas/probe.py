@@ -39,9 +39,22 @@ class ProbeKind(StrEnum):
     LOGISTIC = "logistic"
     """L2-regularised logistic regression (binary sigmoid, multiclass softmax)."""
     RIDGE = "ridge"
-    """Ridge regression on the class indicators, closed form (alpha = 1/C)."""
+    """Ridge regression, closed form (alpha = 1/C): on the class indicators for a
+    classification task, on the numeric label itself for a regression task."""
     MEAN_DIFF = "mean-diff"
     """Difference of class means (nearest class mean in activation space); no strength."""
+
+
+class Task(StrEnum):
+    """What the label column asks of a probe."""
+
+    AUTO = "auto"
+    """Regression when the label column is numeric and either holds a non-integer value or
+    more than 20 distinct values; classification otherwise."""
+    CLASSIFICATION = "classification"
+    """Each distinct label value is a class."""
+    REGRESSION = "regression"
+    """The label is a number to predict (ridge only); rows with a missing label are unused."""
 
 
 class Precision(StrEnum):
@@ -67,7 +80,11 @@ class ProbeConfig(Frozen):
     """Which probes to train on which layers of a store, on which labels and split."""
 
     label: str = Field(min_length=1)
-    """The metadata column holding the labels (strings, ints or bools; each value a class)."""
+    """The metadata column holding the labels: classes (strings, ints, bools) or, for a
+    regression task, numbers. Rows whose label is missing are unused."""
+    task: Task = Task.AUTO
+    """classification, regression (numeric labels, ridge only) or auto: regression when the
+    column is numeric with a non-integer value or more than 20 distinct values."""
     pooling: str | None = None
     """The stored pooling to read; None when the store has exactly one non-token pooling."""
     layers: Literal["all"] | tuple[int, ...] = "all"

@@ -2,8 +2,10 @@
 
 Ridge follows scikit-learn's ``Ridge(alpha)`` on standardised features, minimising
 ``||y - Zw - b||² + alpha ||w||²``. With the C convention of the other probes (inverse L2
-strength on a summed loss ``Σ ½ r²``) that is ``alpha = 1 / C``. Targets are the class
-indicators: one column (the second class) when binary, one per class otherwise.
+strength on a summed loss ``Σ ½ r²``) that is ``alpha = 1 / C``. Targets come from
+``ProbeData.targets``: the class indicators (one column, the second class, when binary; one
+per class otherwise), or for a regression the numeric label itself. Either way one Gram
+pass serves the labels and the control task, and the intercept centres the targets.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ class Moments:
     std: np.ndarray
     """(layers, hidden) train standard deviation (ddof 0; 1 where constant)."""
     class_means: np.ndarray
-    """(2, layers, classes, hidden) per-class train means: labels, then control labels."""
+    """(2, layers, classes, hidden) per-class train means: labels, then control labels
+    (no classes for a regression)."""
 
 
 def moments(source: BlockSource, data: ProbeData) -> Moments:
@@ -41,8 +44,9 @@ def moments(source: BlockSource, data: ProbeData) -> Moments:
         if nt == 0:
             continue
         rows = block.rows[:nt]
-        hots = [np.eye(k)[t[rows]].T for t in (data.y, data.control)]
-        counts += np.stack([hot.sum(1) for hot in hots])
+        hots = [np.eye(k)[t[rows]].T for t in (data.y, data.control)] if k else []
+        if hots:
+            counts += np.stack([hot.sum(1) for hot in hots])
         n += nt
         for i in range(n_l):
             xi = block.x[i, :nt].astype(np.float64)
@@ -89,12 +93,6 @@ def mean_diff(mom: Moments, task: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def indicator(y: np.ndarray, k: int) -> np.ndarray:
-    """Ridge targets: the second class's indicator when binary, one-hot otherwise."""
-    hot = np.eye(k)[y]
-    return hot[:, 1:] if k == 2 else hot
-
-
 @dataclass
 class _Gram:
     n: float
@@ -118,8 +116,7 @@ def gram_pass(source: BlockSource, data: ProbeData, layers: list[int],
     and float32 or bf16 standardisation moves the solution far more than its own error).
     Without, blocks are already standardised (good enough for a preconditioner).
     """
-    h, k = data.hidden, data.n_classes
-    t = 1 if k == 2 else k
+    h, t = data.hidden, data.n_targets
     parts = [[_Gram(0.0, np.zeros(h), np.zeros((h, h)), np.zeros(2 * t), np.zeros((h, 2 * t)),
                     np.zeros(2 * t)) for _ in range(2)] for _ in layers]
     for block in source.blocks(0):
@@ -127,7 +124,7 @@ def gram_pass(source: BlockSource, data: ProbeData, layers: list[int],
             rows = block.rows[sl]
             if len(rows) == 0:
                 continue
-            y = np.concatenate([indicator(data.y[rows], k), indicator(data.control[rows], k)], 1)
+            y = np.concatenate([data.targets(rows), data.targets(rows, control=True)], 1)
             yt = torch.from_numpy(y)
             for j, layer in enumerate(layers):
                 if mom is None:

@@ -3,6 +3,11 @@
 Rows are read in contiguous, chunk-aligned blocks of every requested layer at once, so one
 read serves all layers and all strengths. Inside a block the used rows are reordered by
 role (fit, then val, then test), so each phase of training sees a contiguous slice.
+
+Labels are classes or, for a regression task, numbers (``resolve_task`` decides under
+``task: auto``). Rows whose label is missing (None, NaN) are unused either way. The control
+task of a regression is the same probe on a seeded permutation of the targets, within
+train and within test, fixed by a hash of the ids (so it does not depend on row order).
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from actcache.schemas.errors import (
     ProbeDataError,
     StoreIncompleteError,
 )
-from actcache.schemas.probe import ProbeConfig
+from actcache.schemas.probe import ProbeConfig, ProbeKind, Task
 
 UNUSED, FIT, VAL, TEST = 0, 1, 2, 3
 SPLIT_VALUES = ("train", "test", "val")
+#: Under ``task: auto``, an integer column with more distinct values than this is a regression.
+AUTO_MAX_CLASSES = 20
 
 
 def hash_unit(ids: Sequence[str], salt: str, seed: int) -> np.ndarray:
@@ -52,13 +59,38 @@ class ProbeData:
     role: np.ndarray
     """UNUSED, FIT, VAL or TEST per store row."""
     hidden: int
+    value: np.ndarray | None = None
+    """Regression only: the numeric target per store row (NaN where unused)."""
+    control_value: np.ndarray | None = None
+    """Regression only: the control target per store row (NaN where unused)."""
+
+    @property
+    def regression(self) -> bool:
+        return self.value is not None
 
     @property
     def n_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def n_targets(self) -> int:
+        """Columns of a ridge target: 1 for a regression or two classes, else one per class."""
+        return 1 if self.regression or self.n_classes == 2 else self.n_classes
+
+    def targets(self, rows: np.ndarray, control: bool = False) -> np.ndarray:
+        """(rows, n_targets) float64 ridge targets: the number, or the class indicators."""
+        if self.value is not None and self.control_value is not None:
+            return (self.control_value if control else self.value)[rows][:, None]
+        return indicator((self.control if control else self.y)[rows], self.n_classes)
+
     def count(self, *roles: int) -> int:
         return int(np.isin(self.role, roles).sum())
+
+
+def indicator(y: np.ndarray, k: int) -> np.ndarray:
+    """Classification ridge targets: the second class's indicator when binary, else one-hot."""
+    hot = np.eye(k)[y]
+    return hot[:, 1:] if k == 2 else hot
 
 
 def _classes(values: pd.Series, label: str) -> tuple[tuple[Any, ...], np.ndarray]:
@@ -78,6 +110,87 @@ def _classes(values: pd.Series, label: str) -> tuple[tuple[Any, ...], np.ndarray
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[v] if v in index else -1 for v in values.where(values.notna(), None)])
     return classes, y.astype(np.int64)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float | np.number) and not isinstance(v, bool)
+
+
+def _as_numbers(values: pd.Series) -> np.ndarray | None:
+    """float64 per row (NaN where missing), or None when a present value is not a number."""
+    if pd.api.types.is_numeric_dtype(values.dtype):
+        return values.to_numpy(dtype=np.float64, na_value=np.nan)
+    if not all(_is_number(v) for v in values.dropna()):
+        return None
+    return pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def resolve_task(values: pd.Series, task: Task) -> tuple[Task, str]:
+    """The task a label column asks for, and why (for messages).
+
+    ``auto``: regression when the column is numeric and holds a non-integer value (only a
+    float column can) or more than ``AUTO_MAX_CLASSES`` distinct values; else classification.
+    """
+    if task != Task.AUTO:
+        return task, f"--task {task.value}"
+    nums = _as_numbers(values)
+    if nums is None:
+        return Task.CLASSIFICATION, "non-numeric values"
+    present = nums[~np.isnan(nums)]
+    if np.any(present != np.round(present)):
+        return Task.REGRESSION, "non-integer numbers"
+    distinct = len(np.unique(present))
+    if distinct > AUTO_MAX_CLASSES:
+        return Task.REGRESSION, f"{distinct} distinct numbers"
+    return Task.CLASSIFICATION, f"{distinct} distinct values"
+
+
+def _regression_values(values: pd.Series, label: str, why: str, config: ProbeConfig
+                       ) -> np.ndarray:
+    wrong = [p.value for p in config.probes if p != ProbeKind.RIDGE]
+    if wrong:
+        names = ", ".join(wrong)
+        raise ProbeDataError(
+            f"{'probes' if len(wrong) > 1 else 'probe'} {names} "
+            f"{'need' if len(wrong) > 1 else 'needs'} class labels, but label column "
+            f"{label!r} is a regression target ({why}): use --probe ridge, or --task "
+            "classification to treat each value as a class"
+        )
+    nums = _as_numbers(values)
+    if nums is None:
+        bad = next(v for v in values.dropna() if not _is_number(v))
+        raise ProbeDataError(
+            f"label column {label!r} holds non-numeric values (e.g. {bad!r}); a regression "
+            "needs numbers: use --task classification or pick another column with --label"
+        )
+    if np.isinf(nums).any():
+        raise ProbeDataError(
+            f"label column {label!r} holds infinite values; a regression needs finite "
+            "numbers: fix those values or pick another column with --label"
+        )
+    if len(np.unique(nums[~np.isnan(nums)])) < 2:
+        raise ProbeDataError(
+            f"label column {label!r} holds fewer than two distinct numbers; a regression "
+            "needs at least two: pick another column with --label"
+        )
+    return nums
+
+
+def _permuted(ids: Sequence[str], value: np.ndarray, role: np.ndarray, seed: int
+              ) -> np.ndarray:
+    """Regression control targets: the targets shuffled within train and within test.
+
+    The shuffle pairs rows ordered by one id hash with rows ordered by another, so it
+    depends on the ids and the seed only, not on the store's row order.
+    """
+    first, second = hash_unit(ids, "control", seed), hash_unit(ids, "control-source", seed)
+    out = np.full(len(value), np.nan)
+    for group in ((FIT, VAL), (TEST,)):
+        rows = np.flatnonzero(np.isin(role, group))
+        dest = rows[np.argsort(first[rows], kind="stable")]
+        source = rows[np.argsort(second[rows], kind="stable")]
+        out[dest] = value[source]
+    return out
 
 
 def _split_roles(store: Any, config: ProbeConfig, used: np.ndarray) -> np.ndarray:
@@ -156,9 +269,23 @@ def prepare(store: Any, config: ProbeConfig) -> ProbeData:
             f"label column {config.label!r} is not in the store's metadata; available columns: "
             f"{', '.join(map(str, meta.columns)) or 'none'}"
         )
-    classes, y = _classes(meta[config.label], config.label)
-    used = y >= 0
-    role = _split_roles(store, config, used)
+    column = meta[config.label]
+    task, why = resolve_task(column, config.task)
+    if task == Task.REGRESSION:
+        value = _regression_values(column, config.label, why, config)
+        y = np.where(np.isnan(value), -1, 0).astype(np.int64)
+        role = _split_roles(store, config, y >= 0)
+        value = np.where(role != UNUSED, value, np.nan)
+        if len(np.unique(value[role == FIT])) < 2:
+            raise ProbeDataError(
+                f"the fit part of train has one value of {config.label!r} only; a regression "
+                "needs at least two distinct values: check the split and label columns"
+            )
+        control_value = _permuted(store.ids, value, role, config.seed)
+        return ProbeData(layers, pooling, (), y, y.copy(), role, int(store.hidden_size),
+                         value, control_value)
+    classes, y = _classes(column, config.label)
+    role = _split_roles(store, config, y >= 0)
     train = np.isin(role, (FIT, VAL))
     for name, mask in (("train", train), ("fit part of train", role == FIT)):
         present = np.unique(y[mask])

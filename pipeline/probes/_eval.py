@@ -1,4 +1,8 @@
-"""One pass over train and test rows scoring every probe of every layer at once."""
+"""One pass over train and test rows scoring every probe of every layer at once.
+
+Classification: correct predictions, losses and (binary) test scores. Regression: sums of
+squared errors and of the (shifted) targets on train and on test, from which R² and MSE.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from actcache.probes._closed import indicator
-from actcache.probes._data import BlockSource, ProbeData
+from actcache.probes._data import BlockSource, ProbeData, indicator
 
 
 @dataclass
@@ -25,8 +28,13 @@ class Segment:
     """(layers, 2) correct predictions on train, test."""
     loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
     sse: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """Ridge: (layers, targets) test sum of squared errors."""
     sy: np.ndarray = field(default_factory=lambda: np.zeros(0))
     syy: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    train_sse: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """Regression only: (layers, 1) train sum of squared errors."""
+    train_sy: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    train_syy: np.ndarray = field(default_factory=lambda: np.zeros(0))
     scores: list[np.ndarray] = field(default_factory=list)
     """Binary only: (layers, rows) test scores, block by block."""
     labels: list[np.ndarray] = field(default_factory=list)
@@ -62,15 +70,35 @@ def _update(seg: Segment, s: torch.Tensor, y: np.ndarray, n_train: int, k: int) 
         seg.labels.append(y[n_train:])
 
 
+def _update_regression(seg: Segment, s: torch.Tensor, target: np.ndarray, shift: float,
+                       n_train: int) -> None:
+    """Accumulate one block's (layers, rows, 1) predictions of (rows, 1) targets.
+
+    Sums of targets are taken after subtracting ``shift`` (their mean over used rows), so
+    the total sum of squares stays accurate for targets far from zero.
+    """
+    t = target - shift
+    err = (s.double() - shift - torch.from_numpy(t).to(s.device)) ** 2
+    seg.train_sse += err[:, :n_train].sum(1).cpu().numpy()
+    seg.sse += err[:, n_train:].sum(1).cpu().numpy()
+    seg.train_sy += t[:n_train].sum(0)
+    seg.train_syy += (t[:n_train] ** 2).sum(0)
+    seg.sy += t[n_train:].sum(0)
+    seg.syy += (t[n_train:] ** 2).sum(0)
+
+
 def score_pass(source: BlockSource, data: ProbeData, weights: torch.Tensor, bias: torch.Tensor,
                segments: list[Segment]) -> None:
     """Score every block with (layers, hidden, cols) weights; fills the segments."""
     n_l, k = len(data.layers), data.n_classes
+    shift = float(np.nanmean(data.value)) if data.value is not None else 0.0
     for seg in segments:
         width = seg.cols.stop - seg.cols.start
         seg.correct = np.zeros((n_l, 2))
         seg.loss = np.zeros(n_l)
         seg.sse, seg.sy, seg.syy = np.zeros((n_l, width)), np.zeros(width), np.zeros(width)
+        seg.train_sse = np.zeros((n_l, width))
+        seg.train_sy, seg.train_syy = np.zeros(width), np.zeros(width)
         seg.scores, seg.labels = [], []
     for block in source.blocks(0):
         if block.n_test + block.n_train == 0:
@@ -78,8 +106,19 @@ def score_pass(source: BlockSource, data: ProbeData, weights: torch.Tensor, bias
         order = block.rows
         s = torch.bmm(block.x, weights.to(block.x.dtype)).float() + bias.unsqueeze(1).float()
         for seg in segments:
+            if data.regression:
+                target = data.targets(order, control=seg.task == 1)
+                _update_regression(seg, s[..., seg.cols], target, shift, block.n_train)
+                continue
             labels = data.y if seg.task == 0 else data.control
             _update(seg, s[..., seg.cols], labels[order], block.n_train, k)
+
+
+def r2(sse: np.ndarray, sy: np.ndarray, syy: np.ndarray, n: int) -> float:
+    """Coefficient of determination, averaged over target columns (scikit-learn's
+    ``r2_score`` with ``multioutput="uniform_average"``)."""
+    sst = syy - sy**2 / n
+    return float(np.mean(1.0 - sse / np.maximum(sst, 1e-300)))
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:

@@ -26,20 +26,26 @@ def write_outputs(result: ProbeResult, out: str | Path) -> Path:
 
 
 def plot_layers(result: ProbeResult, path: Path) -> None:
-    """Test accuracy (solid) and control accuracy (dashed) against layer, per probe."""
+    """Test accuracy (solid) and control accuracy (dashed) against layer, per probe; test
+    R² and control R² for a regression."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    regression = result.task == "regression"
+    score, control = ("test_r2", "control_r2") if regression else (
+        "test_accuracy", "control_accuracy")
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     for probe, group in result.metrics.groupby("probe", sort=False):
-        line = ax.plot(group["layer"], group["test_accuracy"], marker="o", label=f"{probe}")[0]
-        if group["control_accuracy"].notna().any():
-            ax.plot(group["layer"], group["control_accuracy"], linestyle="--",
+        line = ax.plot(group["layer"], group[score], marker="o", label=f"{probe}")[0]
+        if group[control].notna().any():
+            ax.plot(group["layer"], group[control], linestyle="--",
                     color=line.get_color(), label=f"{probe} control")
     ax.set_xlabel("layer")
-    ax.set_ylabel("test accuracy")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("test R²" if regression else "test accuracy")
     ax.set_title(f"{result.metadata['label_column']} ({result.metadata['pooling']})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -61,18 +67,26 @@ def print_report(result: ProbeResult, console: Console, out: Path | None = None)
     table = Table(title=f"probes on {result.metadata['label_column']!r}")
     shown = ["layer", "probe", "strength", "train_accuracy", "test_accuracy", "test_auroc",
              "control_accuracy", "selectivity"]
+    if result.task == "regression":
+        shown = ["layer", "probe", "strength", "train_r2", "test_r2", "test_mse", "control_r2",
+                 "selectivity"]
     for col in shown:
         table.add_column(col, justify="right" if col != "probe" else "left")
     for _, row in result.metrics.iterrows():
         table.add_row(*(_fmt(row[c]) for c in shown))
     console.print(table)
+    unlabelled = int(result.metadata.get("unlabelled_rows", "0"))
+    if unlabelled:
+        console.print(f"{unlabelled} rows have no {result.metadata['label_column']!r} label "
+                      "and were left out")
     console.print(summary_line(result, out))
 
 
 def summary_line(result: ProbeResult, out: Path | None = None) -> str:
     best = result.best()
-    line = (f"best layer: {int(best['layer'])} ({best['probe']}, test accuracy "
-            f"{best['test_accuracy']:.3f}")
+    what = "test R²" if result.task == "regression" else "test accuracy"
+    line = (f"best layer: {int(best['layer'])} ({best['probe']}, {what} "
+            f"{best[result.score_column]:.3f}")
     if not np.isnan(best["selectivity"]):
         line += f", selectivity {best['selectivity']:.3f}"
     line += f"); {result.device} {result.precision}"

@@ -6,6 +6,13 @@ probes (all layers × all strengths per pass), and one that scores everything. W
 used rows fit in ``max_memory`` they are read once and kept; otherwise every pass streams
 chunk-aligned blocks with a background prefetch. A streaming run fixes glibc's mmap
 threshold for the rest of the process (``_data.bound_allocator`` says why).
+
+A regression task (numeric labels; ridge only) fits ridge on the number itself from the
+same Gram pass, C chosen on validation MSE. Its metrics rows leave the accuracy columns,
+``test_auroc`` and ``control_accuracy`` empty and add ``train_r2``, ``test_r2``,
+``test_mse`` (``test_loss`` is the test MSE) and ``control_r2``, the test R² of the same
+ridge fitted on a seeded permutation of the targets; ``selectivity`` is then
+``test_r2 - control_r2``.
 """
 
 from __future__ import annotations
@@ -83,10 +90,17 @@ class ProbeResult:
     precision: str
     iterations: dict[str, int]
     """Largest L-BFGS iteration count per logistic phase (``select``, ``refit``)."""
+    task: str = "classification"
+    """``classification`` or ``regression``, as resolved from the config and the labels."""
+
+    @property
+    def score_column(self) -> str:
+        """The metric ranking layers: ``test_accuracy``, or ``test_r2`` for a regression."""
+        return "test_r2" if self.task == "regression" else "test_accuracy"
 
     def best(self) -> pd.Series:
-        """The (layer, probe) row with the highest test accuracy (earliest layer on ties)."""
-        ranked = self.metrics.sort_values(["test_accuracy", "layer"], ascending=[False, True])
+        """The (layer, probe) row with the best test score (earliest layer on ties)."""
+        ranked = self.metrics.sort_values([self.score_column, "layer"], ascending=[False, True])
         return ranked.iloc[0]
 
 
@@ -149,8 +163,7 @@ def _aug_eig(g: _closed._Gram) -> tuple[np.ndarray, np.ndarray]:
 
 def _ridge(source: BlockSource, data: ProbeData, config: ProbeConfig, mom: _closed.Moments
            ) -> tuple[list[float], list[ZWeights]]:
-    n_l, h = len(data.layers), data.hidden
-    t = 1 if data.n_classes == 2 else data.n_classes
+    n_l, h, t = len(data.layers), data.hidden, data.n_targets
     # Two float64 Gram matrices per layer: group layers so they stay within the budget.
     per_group = max(1, config.max_memory // (4 * 8 * h * h))
     chosen: list[float] = []
@@ -198,8 +211,7 @@ def _train_probes(store: Any, config: ProbeConfig) -> ProbeResult:
     data = prepare(store, config)
     device = pick_device()
     dtype = resolve_precision(config.precision, device)
-    k = 1 if data.n_classes == 2 else data.n_classes
-    cols = max(len(config.strengths), 2) * k * 2
+    cols = max(len(config.strengths), 2) * data.n_targets * 2
     block_rows, cache = plan_blocks(store, data, config.max_memory, cols)
     if not cache:
         # Streamed blocks would otherwise pile up in glibc's heaps (see bound_allocator).
@@ -228,7 +240,7 @@ def _train_probes(store: Any, config: ProbeConfig) -> ProbeResult:
     metrics = _metrics(segments, fitted, data, config.control)
     tensors, meta = _tensors(fitted, data, mom, store, config)
     return ProbeResult(metrics, tensors, meta, data.classes, str(device),
-                       "bf16" if dtype == torch.bfloat16 else "fp32", iterations)
+                       "bf16" if dtype == torch.bfloat16 else "fp32", iterations, meta["task"])
 
 
 def _stack(fitted: dict[str, tuple[list[float] | None, list[ZWeights]]], data: ProbeData,
@@ -248,8 +260,14 @@ def _stack(fitted: dict[str, tuple[list[float] | None, list[ZWeights]]], data: P
     return segments, weights, bias
 
 
+_COLUMNS = ["layer", "probe", "strength", "n_train", "n_test", "train_accuracy",
+            "test_accuracy", "test_auroc", "test_loss", "control_accuracy", "selectivity"]
+
+
 def _metrics(segments: list[_eval.Segment], fitted: dict[str, Any], data: ProbeData,
              control: bool) -> pd.DataFrame:
+    if data.regression:
+        return _regression_metrics(segments, fitted, data, control)
     n_train, n_test = data.count(1, 2), data.count(3)
     rows = []
     for seg in segments:
@@ -274,16 +292,34 @@ def _metrics(segments: list[_eval.Segment], fitted: dict[str, Any], data: ProbeD
             if scores is not None and positive is not None:
                 row["test_auroc"] = _eval.auroc(scores[i], positive)
             if seg.probe == "ridge":
-                sst = seg.syy - seg.sy**2 / n_test
-                row["test_mse"] = seg.sse[i].sum() / (n_test * len(sst))
-                row["test_r2"] = float(np.mean(1.0 - seg.sse[i] / np.maximum(sst, 1e-300)))
+                row["test_mse"] = seg.sse[i].sum() / (n_test * len(seg.sy))
+                row["test_r2"] = _eval.r2(seg.sse[i], seg.sy, seg.syy, n_test)
                 row["test_loss"] = row["test_mse"]
             rows.append(row)
-    columns = ["layer", "probe", "strength", "n_train", "n_test", "train_accuracy",
-               "test_accuracy", "test_auroc", "test_loss", "control_accuracy", "selectivity"]
-    if "ridge" in fitted:
-        columns += ["test_r2", "test_mse"]
+    columns = _COLUMNS + (["test_r2", "test_mse"] if "ridge" in fitted else [])
     return pd.DataFrame(rows, columns=columns)
+
+
+def _regression_metrics(segments: list[_eval.Segment], fitted: dict[str, Any],
+                        data: ProbeData, control: bool) -> pd.DataFrame:
+    """Ridge on a numeric label: R² and MSE; the classification columns stay empty."""
+    n_train, n_test = data.count(1, 2), data.count(3)
+    seg = next(s for s in segments if s.task == 0)
+    ctl = next((s for s in segments if s.task == 1), None) if control else None
+    rows = []
+    for i, layer in enumerate(data.layers):
+        mse = float(seg.sse[i].sum() / n_test)
+        test_r2 = _eval.r2(seg.sse[i], seg.sy, seg.syy, n_test)
+        control_r2 = _eval.r2(ctl.sse[i], ctl.sy, ctl.syy, n_test) if ctl else np.nan
+        rows.append({
+            "layer": layer, "probe": seg.probe, "strength": fitted[seg.probe][0][i],
+            "n_train": n_train, "n_test": n_test, "test_loss": mse,
+            "selectivity": test_r2 - control_r2, "test_r2": test_r2, "test_mse": mse,
+            "train_r2": _eval.r2(seg.train_sse[i], seg.train_sy, seg.train_syy, n_train),
+            "control_r2": control_r2,
+        })
+    columns = [*_COLUMNS, "test_r2", "test_mse", "train_r2", "control_r2"]
+    return pd.DataFrame(rows, columns=columns).astype({c: float for c in _COLUMNS[5:]})
 
 
 def _tensors(fitted: dict[str, tuple[list[float] | None, list[ZWeights]]], data: ProbeData,
@@ -308,6 +344,8 @@ def _tensors(fitted: dict[str, tuple[list[float] | None, list[ZWeights]]], data:
                                for c in data.classes]),
         "strength_per_layer": json.dumps(strengths),
         "layers": json.dumps(list(data.layers)),
+        "task": "regression" if data.regression else "classification",
+        "unlabelled_rows": str(int((data.y < 0).sum())),
         "actcache_version": __version__,
     }
     return tensors, meta

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from actcache.schemas.errors import ConfigError
-from actcache.schemas.probe import Precision
+from actcache.schemas.probe import Precision, Task
 
 
 def parse_layers(text: str) -> str | tuple[int, ...]:
@@ -65,6 +65,9 @@ def probe_command(
     layers: Annotated[str | None, typer.Option(help="'all' or indices like 0,3,-1.")] = None,
     probe: Annotated[list[str] | None, typer.Option(
         help="logistic, ridge or mean-diff; repeat or comma-separate for several.")] = None,
+    task: Annotated[Task | None, typer.Option(
+        help="auto: regression (ridge on the number) when the label column is numeric with "
+             "non-integer or more than 20 distinct values.")] = None,
     split_column: Annotated[str | None, typer.Option(
         help="Column with train/test/val values fixing the split.")] = None,
     test_fraction: Annotated[float | None, typer.Option(
@@ -82,7 +85,8 @@ def probe_command(
     cfg = build_config(config, {
         "label": label, "pooling": pooling,
         "layers": None if layers is None else parse_layers(layers),
-        "probes": kinds, "split_column": split_column, "test_fraction": test_fraction,
+        "probes": kinds, "task": task, "split_column": split_column,
+        "test_fraction": test_fraction,
         "max_memory": max_memory, "precision": precision, "seed": seed,
         "out": None if out is None else str(out),
     })

@@ -148,16 +148,41 @@ def _val_score(model: Any, z: np.ndarray, target: np.ndarray, logistic: bool
     return (float(np.mean(err**2)), 0.0)
 
 
+def _regression_row(data: Any, layer: int, z: np.ndarray, config: ProbeConfig,
+                    split: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+                    ) -> dict[str, Any]:
+    """Ridge on the numeric target, C by validation MSE, refit on train; and its control."""
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import mean_squared_error, r2_score
+
+    fit, val, train, test = split
+    y, ctl = data.value, data.control_value
+    mse = [mean_squared_error(y[val], Ridge(1.0 / c).fit(z[fit], y[fit]).predict(z[val]))
+           for c in config.strengths]
+    best = float(config.strengths[int(np.argmin(mse))])
+    model = Ridge(1.0 / best).fit(z[train], y[train])
+    control = Ridge(1.0 / best).fit(z[train], ctl[train])
+    pred = model.predict(z)
+    return {"layer": layer, "probe": "ridge", "strength": best,
+            "train_accuracy": np.nan, "test_accuracy": np.nan,
+            "train_r2": float(r2_score(y[train], pred[train])),
+            "test_r2": float(r2_score(y[test], pred[test])),
+            "test_mse": float(mean_squared_error(y[test], pred[test])),
+            "control_r2": float(r2_score(ctl[test], control.predict(z[test]))),
+            "coef": np.atleast_2d(model.coef_), "intercept": np.atleast_1d(model.intercept_)}
+
+
 def sklearn_reference(store: Any, config: ProbeConfig, max_iter: int = 1000) -> pd.DataFrame:
     """scikit-learn on the same standardised features, split and selection rule.
 
     Logistic: ``LogisticRegression(C)`` per C on the fit rows, the C with the best
     validation accuracy (ties: lower validation log-loss), refit on train. Ridge:
-    ``Ridge(alpha=1/C)`` on the class indicators, the C with the lowest validation MSE.
-    Returns one row per (layer, probe) with the strength, accuracies and the
-    standardised-space ``coef`` (out, hidden).
+    ``Ridge(alpha=1/C)`` on the class indicators (or, for a regression, on the number),
+    the C with the lowest validation MSE. Returns one row per (layer, probe) with the
+    strength, accuracies (regression: ``train_r2``, ``test_r2``, ``test_mse`` and
+    ``control_r2``, the same C on the control targets) and the standardised-space ``coef``
+    (out, hidden) and ``intercept``.
     """
-    from actcache.probes._closed import indicator
     from actcache.probes._data import FIT, TEST, VAL, prepare
 
     data = prepare(store, config)
@@ -167,11 +192,14 @@ def sklearn_reference(store: Any, config: ProbeConfig, max_iter: int = 1000) -> 
     for layer in data.layers:
         x = store.read(layer, data.pooling).astype(np.float64)
         z = (x - x[train].mean(0)) / constant_safe_std(x[train])
+        if data.regression:
+            rows.append(_regression_row(data, layer, z, config, (fit, val, train, test)))
+            continue
         for kind in config.probes:
             if kind.value not in ("logistic", "ridge"):
                 continue
             logistic = kind.value == "logistic"
-            target = data.y if logistic else indicator(data.y, data.n_classes)
+            target = data.y if logistic else data.targets(np.arange(len(data.y)))
             scores = [_val_score(_make(logistic, c, max_iter, config.tol).fit(z[fit], target[fit]),
                                  z[val], target[val], logistic) for c in config.strengths]
             best = min(range(len(scores)), key=lambda i: scores[i])
@@ -179,7 +207,8 @@ def sklearn_reference(store: Any, config: ProbeConfig, max_iter: int = 1000) -> 
             model.fit(z[train], target[train])
             pred = model.predict(z)
             if kind.value == "ridge":
-                pred = (pred > 0.5).astype(int) if pred.ndim == 1 else pred.argmax(1)
+                pred = pred.reshape(len(z), -1)
+                pred = (pred[:, 0] > 0.5).astype(int) if pred.shape[1] == 1 else pred.argmax(1)
             rows.append({"layer": layer, "probe": kind.value,
                          "strength": float(config.strengths[best]),
                          "train_accuracy": float(np.mean(pred[train] == data.y[train])),
@@ -191,16 +220,17 @@ def sklearn_reference(store: Any, config: ProbeConfig, max_iter: int = 1000) -> 
 def compare_with_sklearn(store: Any, config: ProbeConfig, points: float = 0.01,
                          result: Any = None) -> pd.DataFrame:
     """Train with actcache (unless ``result`` holds that run) and scikit-learn; raise
-    AssertionError when a layer's test accuracy differs by more than ``points`` (a
-    fraction). Returns both side by side, scikit-learn's columns suffixed ``_sklearn``
-    (its standardised-space ``coef`` and ``intercept`` unsuffixed)."""
+    AssertionError when a layer's test accuracy (test R² for a regression) differs by more
+    than ``points`` (a fraction). Returns both side by side, scikit-learn's columns suffixed
+    ``_sklearn`` (its standardised-space ``coef`` and ``intercept`` unsuffixed)."""
     from actcache.probes.api import train_probes
 
-    ours = (result if result is not None else train_probes(store, config)).metrics
+    run = result if result is not None else train_probes(store, config)
     ref = sklearn_reference(store, config)
-    both = ours.merge(ref, on=["layer", "probe"], suffixes=("", "_sklearn"))
-    gap = (both["test_accuracy"] - both["test_accuracy_sklearn"]).abs()
-    if (gap > points).any():
-        raise AssertionError(f"test accuracy differs from scikit-learn by more than {points}:\n"
-                             f"{both[['layer', 'probe', 'test_accuracy', 'test_accuracy_sklearn']]}")
+    both = run.metrics.merge(ref, on=["layer", "probe"], suffixes=("", "_sklearn"))
+    score = run.score_column
+    gap = (both[score] - both[f"{score}_sklearn"]).abs()
+    if (gap > points).any() or gap.isna().any():
+        raise AssertionError(f"{score} differs from scikit-learn by more than {points}:\n"
+                             f"{both[['layer', 'probe', score, f'{score}_sklearn']]}")
     return both

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from actcache.schemas.probe import Precision, ProbeConfig, ProbeKind, parse_bytes
+from actcache.schemas.probe import Precision, ProbeConfig, ProbeKind, Task, parse_bytes
 
 
 def test_defaults_match_the_contract():
@@ -12,6 +12,7 @@ def test_defaults_match_the_contract():
     assert cfg.layers == "all"
     assert cfg.val_fraction == 0.2
     assert cfg.max_memory == 512_000_000
+    assert cfg.task == Task.AUTO
 
 
 @pytest.mark.parametrize(
@@ -41,9 +42,10 @@ def test_parse_bytes_rejects_unknown_units():
         ({"strengths": [1.0, 0.0]}, "`strengths` must be a non-empty list of positive C values"),
         ({"max_memory": "10KB"}, "`max_memory` of 10000 bytes is too small; give at least 1MiB"),
         ({"test_fraction": 1.0}, "less than 1"),
+        ({"task": "ranking"}, "Input should be 'auto', 'classification' or 'regression'"),
     ],
     ids=["split-and-fraction", "unknown-probe", "probe-twice", "layers-word", "layer-twice",
-         "zero-strength", "tiny-memory", "fraction-one"],
+         "zero-strength", "tiny-memory", "fraction-one", "unknown-task"],
 )
 def test_invalid_configs(fields, message):
     with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
