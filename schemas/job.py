@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from actcache.schemas._fields import layers_value, names_value
+
 
 class Pooling(StrEnum):
     """How the token states of one example become stored rows."""
@@ -92,23 +94,12 @@ class JobConfig(Frozen):
     @field_validator("layers", mode="before")
     @classmethod
     def _layers(cls, v: object) -> object:
-        if isinstance(v, int) and not isinstance(v, bool):
-            return (v,)
-        if isinstance(v, str) and v != "all":
-            raise ValueError(f"`layers` must be 'all' or a list of ints, got {v!r}")
-        return v
+        return layers_value(v)
 
     @field_validator("pooling", mode="before")
     @classmethod
     def _pooling(cls, v: object) -> object:
-        if isinstance(v, str):
-            v = (v,)
-        if isinstance(v, list | tuple):
-            known = [p.value for p in Pooling]
-            for p in v:
-                if p not in known:
-                    raise ValueError(f"unknown pooling {p!r}; choose from {', '.join(known)}")
-        return v
+        return names_value(v, (p.value for p in Pooling), "pooling")
 
     @model_validator(mode="after")
     def _cross(self) -> JobConfig:

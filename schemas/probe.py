@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from actcache.schemas._fields import layers_value, names_value
+
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
@@ -123,23 +125,12 @@ class ProbeConfig(Frozen):
     @field_validator("layers", mode="before")
     @classmethod
     def _layers(cls, v: object) -> object:
-        if isinstance(v, int) and not isinstance(v, bool):
-            return (v,)
-        if isinstance(v, str) and v != "all":
-            raise ValueError(f"`layers` must be 'all' or a list of ints, got {v!r}")
-        return v
+        return layers_value(v)
 
     @field_validator("probes", mode="before")
     @classmethod
     def _probes(cls, v: object) -> object:
-        if isinstance(v, str):
-            v = (v,)
-        if isinstance(v, list | tuple):
-            known = [p.value for p in ProbeKind]
-            for p in v:
-                if p not in known:
-                    raise ValueError(f"unknown probe {p!r}; choose from {', '.join(known)}")
-        return v
+        return names_value(v, (p.value for p in ProbeKind), "probe")
 
     @field_validator("max_memory", mode="before")
     @classmethod
