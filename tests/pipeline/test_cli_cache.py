@@ -84,3 +84,31 @@ def test_help_does_not_import_torch_or_ray():
             "print('torch' in sys.modules, 'ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip().endswith("False False"), out.stdout + out.stderr
+
+
+def test_a_fault_exits_1_with_the_traceback_in_a_log(tmp_path, monkeypatch, capsys):
+    import actcache.info
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setenv("ACTCACHE_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.setattr(actcache.info, "describe", broken)
+    assert main(["info", str(tmp_path)]) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: internal error (RuntimeError: disk on fire); traceback in ")
+    log = Path(line.rsplit(" ", 1)[-1])
+    assert "Traceback" in log.read_text() and "disk on fire" in log.read_text()
+
+
+def test_a_dashboard_address_outside_a_job_points_to_submit(monkeypatch):
+    import ray
+
+    from actcache.driver import connect_ray
+    from actcache.schemas.errors import ConfigError
+
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(ConfigError, match="actcache submit JOB.yaml --address http://127.0.0.1:8265"):
+        connect_ray()
