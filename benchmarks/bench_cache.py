@@ -86,13 +86,10 @@ def in_process(inputs: Path, folder: Path, batch: int, rows_per_unit: int, repea
         return time.perf_counter() - started
 
     def caching() -> float:
-        # Two calls in flight, as the actor runs them (max_concurrency=2): one unit's
-        # shards are written while the next unit's forward passes run.
-        from concurrent.futures import ThreadPoolExecutor
-
+        # One call at a time, as a CPU actor runs them (see actcache.pool).
         started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            list(pool.map(worker.process, plan.tasks))
+        for task in plan.tasks:
+            worker.process(task)
         return time.perf_counter() - started
 
     # Alternate the two and keep each one's best: timings on a shared 2-core machine drift.

@@ -70,8 +70,13 @@ class ActorPool:
         import ray
 
         env = storage_env()
+        # On a GPU two calls run at once: one unit's shards are written on the CPU while
+        # the next unit's forward passes run on the GPU. On a CPU the second call's
+        # tokenizer and writer would compete with the forward pass for the same cores
+        # (measured slower), so calls run one at a time; the second unit still waits
+        # queued in the actor, so the actor never idles between units.
         self._cls = ray.remote(worker_cls).options(
-            max_concurrency=IN_FLIGHT_PER_ACTOR,
+            max_concurrency=IN_FLIGHT_PER_ACTOR if options.get("num_gpus") else 1,
             runtime_env={"env_vars": env} if env else None,
             **options,
         )

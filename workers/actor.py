@@ -1,8 +1,9 @@
 """The caching worker: loads its model once, then computes and writes one unit per call.
 
 The driver wraps this class with ``ray.remote`` (one actor per GPU, or per CPU slot
-group) and runs it with ``max_concurrency=2``: while one call writes its unit's shards,
-the next call's forward passes already run (a lock keeps forward passes one at a time).
+group). On a GPU it runs with ``max_concurrency=2``: while one call writes its unit's
+shards, the next call's forward passes already run (a lock keeps forward passes one at
+a time).
 Inside a call, a writer thread behind a bounded queue copies, casts and scatters each
 batch while the next batch runs forward.
 """
