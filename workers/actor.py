@@ -4,8 +4,9 @@ The driver wraps this class with ``ray.remote`` (one actor per GPU, or per CPU s
 group). On a GPU it runs with ``max_concurrency=2``: while one call writes its unit's
 shards, the next call's forward passes already run (a lock keeps forward passes one at
 a time).
-Inside a call, a writer thread behind a bounded queue copies, casts and scatters each
-batch while the next batch runs forward.
+Inside a call on a GPU, a writer thread behind a bounded queue copies each batch to the
+host, casts and scatters it while the next batch runs forward; on a CPU that copy does
+not exist and the batch is written inline.
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ class CachingWorker:
         self.batch_size = int(job["batch_size"])
         self.group = open_group(store_url, "r+", storage_options)
         self._forward_lock = threading.Lock()
+        # On a CPU there is no device copy to hide, and a writer thread only takes the GIL
+        # from the forward pass (measured ~10% slower on MiniLM): batches are written inline.
+        self.threaded_writer = self.device.type != "cpu"
 
     def ping(self) -> dict[str, Any]:
         """Where this actor runs: for scheduling checks and logs."""
@@ -119,6 +123,12 @@ class CachingWorker:
         # memory of the unit shows on its first batch rather than its last.
         order = np.argsort([-len(ids) for ids in input_ids], kind="stable")
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if not self.threaded_writer:
+            with self._forward_lock:
+                for rows in batches:
+                    batch = self.adapter.batch([input_ids[i] for i in rows])
+                    writer.write(rows, self.capture(batch))
+            return
         pending: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_DEPTH)
         errors: list[BaseException] = []
 
