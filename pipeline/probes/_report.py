@@ -54,6 +54,14 @@ def plot_layers(result: ProbeResult, path: Path) -> None:
     plt.close(fig)
 
 
+_HEADERS = {
+    "strength": "C", "train_accuracy": "train acc", "test_accuracy": "test acc",
+    "test_auroc": "AUROC", "control_accuracy": "control", "selectivity": "select.",
+    "train_r2": "train R²", "test_r2": "test R²", "test_mse": "test MSE",
+    "control_r2": "control R²",
+}
+
+
 def _fmt(value: object) -> str:
     if isinstance(value, float | np.floating):
         return "" if np.isnan(value) else f"{value:.4g}"
@@ -71,7 +79,9 @@ def print_report(result: ProbeResult, console: Console, out: Path | None = None)
         shown = ["layer", "probe", "strength", "train_r2", "test_r2", "test_mse", "control_r2",
                  "selectivity"]
     for col in shown:
-        table.add_column(col, justify="right" if col != "probe" else "left")
+        # Short headers keep the table whole in an 80-column terminal; metrics.csv keeps
+        # the full names.
+        table.add_column(_HEADERS.get(col, col), justify="right" if col != "probe" else "left")
     for _, row in result.metrics.iterrows():
         table.add_row(*(_fmt(row[c]) for c in shown))
     console.print(table)
@@ -89,5 +99,5 @@ def summary_line(result: ProbeResult, out: Path | None = None) -> str:
             f"{best[result.score_column]:.3f}")
     if not np.isnan(best["selectivity"]):
         line += f", selectivity {best['selectivity']:.3f}"
-    line += f"); {result.device} {result.precision}"
+    line += f"); trained on {result.device} in {result.precision}"
     return line + (f"; wrote {out}" if out is not None else "")

@@ -61,8 +61,8 @@ def test_probe_process_writes_the_contract_outputs(store, tmp_path):
     assert (metrics["n_test"] == 100).all() and (metrics["n_train"] == 300).all()
     best = metrics.sort_values(["test_accuracy", "layer"], ascending=[False, True]).iloc[0]
     assert (f"best layer: {best.layer} ({best.probe}, test accuracy {best.test_accuracy:.3f}, "
-            f"selectivity {best.selectivity:.3f}); cpu fp32; wrote {out}") in proc.stdout
-    assert "probes on 'label'" in proc.stdout and "train_accuracy" in proc.stdout
+            f"selectivity {best.selectivity:.3f}); trained on cpu in fp32; wrote {out}") in proc.stdout
+    assert "probes on 'label'" in proc.stdout and "train acc" in proc.stdout
     with safe_open(str(out / "probes.safetensors"), "np") as f:
         assert set(f.keys()) == {f"{p}.layer{i}.{t}" for p in ("logistic", "ridge")
                                  for i in range(3) for t in ("weight", "bias")}
