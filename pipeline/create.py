@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from zarr.codecs import BloscCodec
 
 from actcache.schemas import store as layout
@@ -135,6 +134,3 @@ def grow(group: Any, manifest: dict[str, Any], n_units: int) -> dict[str, Any]:
     group.attrs.update({layout.MANIFEST_ATTR: updated})
     return updated
 
-
-def unit_slots(n_units: int, rows_per_unit: int) -> np.ndarray:
-    return np.arange(n_units, dtype=np.int64) * rows_per_unit

@@ -31,7 +31,7 @@ from actcache.workers.model import (
     resolve_layers,
     weights_fingerprint,
 )
-from actcache.workers.storage import is_local, local_path, open_group
+from actcache.workers.storage import open_group
 
 
 def load_job(path: str | os.PathLike[str], **overrides: Any) -> JobConfig:
@@ -393,4 +393,4 @@ def _record(group: Any, record: RunRecord) -> None:
     group.attrs.update({layout.RUNS_ATTR: runs})
 
 
-__all__ = ["RunSummary", "is_local", "load_job", "local_path", "parse_job", "run_job"]
+__all__ = ["RunSummary", "load_job", "parse_job", "run_job"]

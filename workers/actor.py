@@ -23,7 +23,7 @@ import torch
 from actcache.schemas.store import UnitReceipt, UnitTask
 from actcache.workers.adapters import TextAdapter
 from actcache.workers.capture import Capture
-from actcache.workers.model import load_config, num_layers, resolve_model_path
+from actcache.workers.model import first_line, load_config, num_layers, resolve_model_path
 from actcache.workers.storage import open_group
 from actcache.workers.writer import UnitWriter
 
@@ -51,7 +51,7 @@ def load_model(name: str, job: dict[str, Any], device: torch.device) -> Any:
             local_files_only=True,
         )
     except Exception as e:
-        raise ModelLoadError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
+        raise ModelLoadError(f"cannot load model {name!r}: {first_line(e)}") from e
     return model.to(device).eval()
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actcache.schemas.errors import ModelLoadError
-from actcache.workers.model import resolve_model_path
+from actcache.workers.model import first_line, resolve_model_path
 
 # Tokenizers report "no limit" as a huge sentinel; beyond this we use the model config.
 _NO_LIMIT = 1_000_000
@@ -57,7 +57,7 @@ class TextAdapter:
             )
         except Exception as e:
             raise ModelLoadError(
-                f"cannot load a tokenizer for {name!r}: {str(e).splitlines()[0] if str(e) else e}; "
+                f"cannot load a tokenizer for {name!r}: {first_line(e)}; "
                 "the model folder needs its tokenizer files"
             ) from e
         if self.tokenizer.pad_token is None:

@@ -51,7 +51,7 @@ def load_config(name: str, revision: str | None = None, trust_remote_code: bool 
         )
     except Exception as e:  # transformers raises OSError/ValueError/EnvironmentError variants
         raise ModelLoadError(
-            f"cannot load model {name!r}: {_first_line(e)}; give a local model folder "
+            f"cannot load model {name!r}: {first_line(e)}; give a local model folder "
             "(with config.json) or a hub id already in the local cache"
         ) from e
 
@@ -61,32 +61,31 @@ def _offline(name: str) -> dict[str, Any]:
     return {} if os.path.isdir(name) else {"local_files_only": True}
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 
 
-def num_layers(config: Any) -> int:
-    """Blocks in the model (hidden-state indices run 0..this)."""
-    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+def _config_int(config: Any, attrs: tuple[str, ...], what: str) -> int:
+    """The first int among ``attrs`` of the config (or of its ``text_config``)."""
+    for attr in attrs:
         value = getattr(config, attr, None)
         if isinstance(value, int):
             return value
     text_config = getattr(config, "text_config", None)
     if text_config is not None:
-        return num_layers(text_config)
-    raise ModelLoadError(f"cannot tell how many layers {type(config).__name__} has")
+        return _config_int(text_config, attrs, what)
+    raise ModelLoadError(f"cannot tell {what} of {type(config).__name__}")
+
+
+def num_layers(config: Any) -> int:
+    """Blocks in the model (hidden-state indices run 0..this)."""
+    return _config_int(config, ("num_hidden_layers", "n_layer", "num_layers"), "the layer count")
 
 
 def hidden_size(config: Any) -> int:
-    for attr in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int):
-            return value
-    text_config = getattr(config, "text_config", None)
-    if text_config is not None:
-        return hidden_size(text_config)
-    raise ModelLoadError(f"cannot tell the hidden size of {type(config).__name__}")
+    """Width of the hidden states."""
+    return _config_int(config, ("hidden_size", "n_embd", "d_model"), "the hidden size")
 
 
 def resolve_layers(requested: str | Sequence[int], n_layers: int) -> tuple[int, ...]:
@@ -137,7 +136,7 @@ def _model_folder(name: str, revision: str | None) -> tuple[str, str | None]:
     try:
         folder = snapshot_download(name, revision=revision, local_files_only=True)
     except Exception as e:
-        raise ModelLoadError(f"model {name!r} is not in the local cache: {_first_line(e)}") from e
+        raise ModelLoadError(f"model {name!r} is not in the local cache: {first_line(e)}") from e
     return folder, Path(folder).name
 
 
