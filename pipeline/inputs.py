@@ -101,7 +101,12 @@ def load_inputs(
     text_column: str,
     id_column: str | None,
     storage_options: dict[str, Any] | None = None,
+    modality: str = "text",
 ) -> InputRows:
+    if modality != "text":
+        from actcache.media_inputs import load_media_inputs
+
+        return load_media_inputs(url, text_column, id_column, modality, storage_options)
     records = read_records(url, storage_options)
     if not records:
         raise InputDataError(f"inputs {url!r} hold no rows")

@@ -65,6 +65,16 @@ class JobConfig(Frozen):
     """The input column fed to the model."""
     id_column: str | None = None
     """The column holding example ids; None numbers the rows "0", "1", ..."""
+    image_column: str | None = None
+    """An image job: the column holding a path, an fsspec URL or encoded bytes per row
+    (PNG/JPEG/TIFF...). With a folder as ``inputs`` (class subfolders), the column name
+    is only a label: ids are relative paths, ``label`` is the subfolder's name."""
+    audio_column: str | None = None
+    """An audio job: like ``image_column`` (WAV/FLAC...), decoded to mono and resampled to
+    the feature extractor's rate."""
+    final_norm: bool = False
+    """Apply the model's final norm (the one ``last_hidden_state`` carries) to every stored
+    layer, as DINOv2's and timm's intermediate-layer APIs do."""
 
     store: str = Field(min_length=1)
     """Where the Zarr store goes: a local path, s3://bucket/prefix, memory://name ..."""
@@ -111,7 +121,21 @@ class JobConfig(Frozen):
             raise ValueError("`layers` names a layer twice")
         if self.layers != "all" and not self.layers:
             raise ValueError("`layers` is empty: give 'all' or at least one index")
+        if self.image_column is not None and self.audio_column is not None:
+            raise ValueError("give `image_column` or `audio_column`, not both")
         return self
+
+    @property
+    def modality(self) -> str:
+        """text, image or audio: which input column the job names."""
+        if self.image_column is not None:
+            return "image"
+        return "audio" if self.audio_column is not None else "text"
+
+    @property
+    def input_column(self) -> str:
+        """The column fed to the model."""
+        return self.image_column or self.audio_column or self.text_column
 
 
 #: Fields that shape the stored values: a job differing in any of them is refused
@@ -128,4 +152,7 @@ SHAPING_FIELDS: tuple[str, ...] = (
     "text_column",
     "id_column",
     "rows_per_unit",
+    "image_column",
+    "audio_column",
+    "final_norm",
 )

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.media import media_models  # noqa: F401 - a session fixture for vision and speech tests
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
