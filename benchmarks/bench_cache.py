@@ -76,10 +76,10 @@ def in_process(inputs: Path, folder: Path, batch: int, rows_per_unit: int, repea
         with torch.inference_mode():
             for task in plan.tasks:
                 enc = worker.adapter.encode(task.inputs)
-                order = sorted(range(len(task.inputs)), key=lambda i: -len(enc.input_ids[i]))
+                order = sorted(range(len(task.inputs)), key=lambda i: -enc.lengths[i])
                 for i in range(0, len(order), batch):
-                    ids = [enc.input_ids[j] for j in order[i : i + batch]]
-                    b = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+                    b = tok.pad([enc.examples[j] for j in order[i : i + batch]], padding=True,
+                                return_tensors="pt")
                     states = model(**b, output_hidden_states=True).hidden_states
                     mask = b["attention_mask"].unsqueeze(-1).float()
                     [((h * mask).sum(1) / mask.sum(1)).half().numpy() for h in states]

@@ -88,17 +88,10 @@ class RunSummary:
 
 def describe_model(job: JobConfig) -> tuple[ModelInfo, Any, Any]:
     """Resolve the model and its tokenizer without loading weights (fast, before Ray)."""
-    from actcache.workers.adapters import TextAdapter
+    from actcache.workers.adapters import make_adapter
 
     config = load_config(job.model, job.revision, job.trust_remote_code)
-    adapter = TextAdapter(
-        job.model,
-        revision=job.revision,
-        trust_remote_code=job.trust_remote_code,
-        max_length=job.max_length,
-        truncation_side=job.truncation_side,
-        model_config=config,
-    )
+    adapter = make_adapter(job.model_dump(mode="json"), config, job.max_length, job.truncation_side)
     weights, commit = weights_fingerprint(job.model, job.revision)
     info = ModelInfo(
         name=job.model,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from actcache.schemas.store import UnitReceipt, UnitTask
-from actcache.workers.adapters import TextAdapter
+from actcache.workers.adapters import make_adapter
 from actcache.workers.capture import Capture
 from actcache.workers.model import first_line, load_config, num_layers, resolve_model_path
 from actcache.workers.storage import open_group
@@ -72,14 +72,7 @@ class CachingWorker:
         self.device = pick_device()
         name = job["model"]
         config = load_config(name, job.get("revision"), bool(job.get("trust_remote_code")))
-        self.adapter = TextAdapter(
-            name,
-            revision=job.get("revision"),
-            trust_remote_code=bool(job.get("trust_remote_code")),
-            max_length=manifest["max_length"],
-            truncation_side=manifest["truncation_side"],
-            model_config=config,
-        )
+        self.adapter = make_adapter(job, config, manifest["max_length"], manifest["truncation_side"])
         self.model = load_model(name, job, self.device)
         self.capture = Capture(
             self.model, manifest["layers"], num_layers(config), manifest["poolings"]
@@ -111,22 +104,24 @@ class CachingWorker:
         writer = UnitWriter(self.group, self.manifest)
         writer.start(task, encoded.lengths)
         try:
-            self._forward_all(encoded.input_ids, writer)
+            self._forward_all(encoded.examples, encoded.lengths, writer)
             receipt: UnitReceipt = writer.complete(encoded.truncated, time.perf_counter() - started)
         except BaseException:
             writer.failed()
             raise
         return receipt.model_dump()
 
-    def _forward_all(self, input_ids: list[list[int]], writer: UnitWriter) -> None:
+    def _forward_all(
+        self, examples: list[dict[str, Any]], lengths: list[int], writer: UnitWriter
+    ) -> None:
         # Longest first: batches of similar length waste little on padding, and the peak
         # memory of the unit shows on its first batch rather than its last.
-        order = np.argsort([-len(ids) for ids in input_ids], kind="stable")
+        order = np.argsort([-n for n in lengths], kind="stable")
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         if not self.threaded_writer:
             with self._forward_lock:
                 for rows in batches:
-                    batch = self.adapter.batch([input_ids[i] for i in rows])
+                    batch = self.adapter.batch([examples[i] for i in rows])
                     writer.write(rows, self.capture(batch))
             return
         pending: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_DEPTH)
@@ -147,8 +142,7 @@ class CachingWorker:
                 for rows in batches:
                     if errors:
                         break
-                    batch = self.adapter.batch([input_ids[i] for i in rows])
-                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    batch = self.adapter.batch([examples[i] for i in rows]).to(self.device)
                     pending.put((rows, self.capture(batch)))
         finally:
             pending.put(None)

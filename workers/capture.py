@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from actcache.workers.adapters import Batch
 from actcache.workers.model import block_list
 
 Pooled = dict[tuple[str, int], torch.Tensor]
@@ -42,13 +43,14 @@ class Capture:
     def _hook(self, _module: Any, _inputs: Any, output: Any) -> None:
         self._hooked = output[0] if isinstance(output, tuple) else output
 
-    def hidden_states(self, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
-        if self._takes_positions and "position_ids" not in batch:
+    def hidden_states(self, batch: Batch) -> dict[int, torch.Tensor]:
+        inputs = batch.inputs
+        if self._takes_positions and "position_ids" not in inputs:
             # Positions count real tokens only, so a left-padded example sees the same
             # positions as it would alone (many models default to 0..T-1 regardless).
-            mask = batch["attention_mask"].long()
-            batch = {**batch, "position_ids": (mask.cumsum(-1) - 1).clamp_min(0)}
-        out = self.model(**batch, output_hidden_states=True, return_dict=True)
+            mask = inputs["attention_mask"].long()
+            inputs = {**inputs, "position_ids": (mask.cumsum(-1) - 1).clamp_min(0)}
+        out = self.model(**inputs, output_hidden_states=True, return_dict=True)
         states = out.hidden_states
         if not self._truncated:
             return {layer: states[layer] for layer in self.layers}
@@ -58,25 +60,34 @@ class Capture:
         return result
 
     @torch.inference_mode()
-    def __call__(self, batch: dict[str, torch.Tensor]) -> Pooled:
-        mask = batch["attention_mask"].bool()
+    def __call__(self, batch: Batch) -> Pooled:
         states = self.hidden_states(batch)
         return {
-            (pooling, layer): pool(states[layer].float(), mask, pooling)
+            (pooling, layer): pool(states[layer].float(), batch.mask, pooling, batch.prefix)
             for layer in self.layers
             for pooling in self.poolings
         }
 
 
-def pool(h: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+def pool(h: torch.Tensor, mask: torch.Tensor, pooling: str, prefix: int = 0) -> torch.Tensor:
     """Pool ``h`` (batch, seq, hidden) over the positions where ``mask`` is true.
 
-    ``tokens`` returns every unmasked position, example after example: (Σ lengths, hidden).
+    ``mean`` leaves out the first ``prefix`` positions of each example (class and register
+    tokens); ``tokens`` returns every unmasked position, prefix included, example after
+    example: (Σ lengths, hidden).
     """
     if pooling == "mean":
+        m = mask
+        if prefix:
+            m = mask & (mask.long().cumsum(1) > prefix)
+        w = m.to(h.dtype)
         # A batched (1 x T) @ (T x hidden) product: no masked copy of h is made.
-        m = mask.to(h.dtype)
-        return torch.einsum("bt,btd->bd", m, h) / m.sum(1, keepdim=True).clamp_min(1.0)
+        mean = torch.einsum("bt,btd->bd", w, h) / w.sum(1, keepdim=True).clamp_min(1.0)
+        if not bool(torch.isfinite(mean).all()):
+            # Padding positions may hold NaN (fully masked attention rows), and 0 * NaN is
+            # NaN: only then pay for a copy with padding zeroed.
+            mean = h.masked_fill(~m.unsqueeze(-1), 0.0).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
+        return mean
     rows = torch.arange(h.shape[0], device=h.device)
     if pooling == "first":
         return h[rows, mask.int().argmax(1)]
