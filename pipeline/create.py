@@ -50,7 +50,9 @@ def check_compatible(existing: dict[str, Any], manifest: Manifest) -> None:
             f"the weights of model {manifest.model.name!r} differ from those that wrote the store; "
             "use another `store`, or --overwrite to replace it"
         )
-    if existing.get("format_version") != manifest.format_version:
+    # Format 2 added image and audio stores only: a text store of format 1 has its layout.
+    same_layout = {manifest.format_version} | ({1} if manifest.modality == "text" else set())
+    if existing.get("format_version") not in same_layout:
         raise StoreMismatchError(
             f"the store has format version {existing.get('format_version')}, this actcache "
             f"writes {manifest.format_version}; use another `store`, or --overwrite"
@@ -98,6 +100,9 @@ def create_store(group: Any, manifest: Manifest) -> None:
                 attributes=attrs,
                 dimension_names=("slot" if pooling != "tokens" else "token_slot", "hidden"),
             )
+    if manifest.modality == "image":
+        rows.create_array("grid", shape=(0, 2), chunks=(chunk, 2), shards=(rpu, 2), dtype="int32",
+                          fill_value=0, dimension_names=("slot", "axis"))
     if "tokens" in manifest.poolings:
         rows.create_array("token_offset", shape=(0,), chunks=(chunk,), shards=(rpu,), dtype="int64", fill_value=-1)
         rows.create_array("token_length", shape=(0,), chunks=(chunk,), shards=(rpu,), dtype="int32", fill_value=0)
@@ -108,6 +113,8 @@ def row_array_keys(manifest: dict[str, Any]) -> list[str]:
     keys = [layout.IDS_KEY, layout.HASH_KEY, layout.META_KEY, layout.SEQ_KEY, layout.TRUNCATED_KEY]
     if "tokens" in manifest["poolings"]:
         keys += [layout.TOKEN_OFFSET_KEY, layout.TOKEN_LENGTH_KEY]
+    if manifest.get("modality") == "image":
+        keys.append(layout.GRID_KEY)
     keys += [
         layout.activation_key(p, layer)
         for p in manifest["poolings"]

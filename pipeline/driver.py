@@ -24,7 +24,9 @@ from actcache.schemas import store as layout
 from actcache.schemas.errors import ConfigError, StoreMismatchError
 from actcache.schemas.job import JobConfig
 from actcache.schemas.store import Manifest, ModelInfo, RunRecord, UnitReceipt
+from actcache.workers.media import IMAGE_BACKEND
 from actcache.workers.model import (
+    encoder_config,
     hidden_size,
     load_config,
     num_layers,
@@ -92,6 +94,8 @@ def describe_model(job: JobConfig) -> tuple[ModelInfo, Any, Any]:
 
     config = load_config(job.model, job.revision, job.trust_remote_code)
     adapter = make_adapter(job.model_dump(mode="json"), config, job.max_length, job.truncation_side)
+    config = encoder_config(config, job.modality)
+    check_media_job(job, config, adapter)
     weights, commit = weights_fingerprint(job.model, job.revision)
     info = ModelInfo(
         name=job.model,
@@ -106,7 +110,20 @@ def describe_model(job: JobConfig) -> tuple[ModelInfo, Any, Any]:
     return info, config, adapter
 
 
-def build_manifest(job: JobConfig, info: ModelInfo, max_length: int) -> Manifest:
+def check_media_job(job: JobConfig, config: Any, adapter: Any) -> None:
+    """Refuse, before anything runs, what an image or audio model cannot give."""
+    if job.final_norm:
+        from actcache.workers.final_norm import check_final_norm
+
+        check_final_norm(config)
+    if "first" in job.pooling and job.modality != "text" and not adapter.has_class_token:
+        raise ConfigError(
+            f"a {getattr(config, 'model_type', 'this')} model has no class token, so `first` "
+            "pooling is not defined for it; use mean or tokens"
+        )
+
+
+def build_manifest(job: JobConfig, info: ModelInfo, max_length: int, prefix: int = 0) -> Manifest:
     layers = resolve_layers(job.layers, info.num_hidden_layers)
     return Manifest(
         actcache_version=__version__,
@@ -117,12 +134,16 @@ def build_manifest(job: JobConfig, info: ModelInfo, max_length: int) -> Manifest
         model_dtype=job.model_dtype.value,
         max_length=max_length,
         truncation_side=job.truncation_side,
-        text_column=job.text_column,
+        text_column=job.input_column,
         id_column=job.id_column,
         rows_per_unit=job.rows_per_unit,
         chunk_rows=chunk_rows_for(job.rows_per_unit),
         codec=CODEC,
         job=job.model_dump(mode="json"),
+        modality=job.modality,
+        prefix_tokens=prefix,
+        final_norm=job.final_norm,
+        processor_backend=IMAGE_BACKEND if job.modality == "image" else None,
     )
 
 
@@ -247,8 +268,8 @@ def run_job(
     """Run ``job``: cache every new or edited input row into its store, then record the run."""
     started = time.perf_counter()
     info, _config, adapter = describe_model(job)
-    manifest = build_manifest(job, info, adapter.max_length)
-    inputs = load_inputs(job.inputs, job.text_column, job.id_column, storage_options)
+    manifest = build_manifest(job, info, adapter.max_length, getattr(adapter, "prefix", 0))
+    inputs = load_inputs(job.inputs, job.input_column, job.id_column, storage_options, job.modality)
     if job.store.startswith("memory://") and not inline:
         raise ConfigError(
             "a memory:// store lives inside one process and Ray workers cannot reach it; "

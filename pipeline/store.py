@@ -219,6 +219,16 @@ class Store:
             raise PoolingNotFoundError("the store has no `tokens` pooling, so no token lengths")
         return _gather(self._array(layout.TOKEN_LENGTH_KEY), self._physical(rows)).astype(np.int64)
 
+    def patch_grid(self, rows: RowsLike = None) -> np.ndarray:
+        """Image stores: each row's patch grid, (rows, 2) as (grid rows, grid columns).
+
+        With ``manifest["prefix_tokens"]``, a row's ``tokens`` are its prefix tokens then
+        its patches row-major: ``tokens[prefix:].reshape(grid_rows, grid_cols, hidden)``.
+        """
+        if self.manifest.get("modality") != "image":
+            raise PoolingNotFoundError("only image stores record a patch grid")
+        return _gather(self._array(layout.GRID_KEY), self._physical(rows)).astype(np.int64)
+
     def truncated(self, rows: RowsLike = None) -> np.ndarray:
         return _gather(self._array(layout.TRUNCATED_KEY), self._physical(rows)).astype(bool)
 

@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FORMAT_VERSION = 1
-"""Bumped with any change of layout."""
+FORMAT_VERSION = 2
+"""Bumped with any change of layout (2: image and audio stores; see docs/STORE.md)."""
 
 MANIFEST_ATTR = "actcache"
 """Root-group attribute that holds the manifest."""
@@ -29,6 +29,8 @@ META_KEY = "rows/meta"
 TRUNCATED_KEY = "rows/truncated"
 TOKEN_OFFSET_KEY = "rows/token_offset"
 TOKEN_LENGTH_KEY = "rows/token_length"
+GRID_KEY = "rows/grid"
+"""Image stores: each row's patch grid (rows, columns), int32 (slots, 2)."""
 UNITS_GROUP = "units"
 LEASE_KEY = "lease/zarr.json"
 
@@ -110,6 +112,15 @@ class Manifest(Frozen):
     """Inputs cut to max_length, over every complete row."""
     job: dict[str, Any]
     """The job config that created the store (no secrets)."""
+    modality: str = "text"
+    """text, image or audio: what the input column held."""
+    prefix_tokens: int = 0
+    """Leading positions of each example that are not patches (class, register tokens):
+    ``mean`` leaves them out, ``tokens`` keeps them."""
+    final_norm: bool = False
+    """Whether the model's final norm was applied to every stored layer."""
+    processor_backend: str | None = None
+    """The image processors' backend (``pil``), pinned: backends resize differently."""
 
 
 class UnitReceipt(Frozen):

@@ -39,7 +39,11 @@ def _vit(folder: Path) -> str:
 
 
 def _dinov2_registers(folder: Path) -> str:
-    from transformers import BitImageProcessorPil, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    from transformers import (
+        BitImageProcessorPil,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+    )
 
     config = Dinov2WithRegistersConfig(image_size=32, patch_size=8, num_register_tokens=4,
                                        mlp_ratio=2, **{k: v for k, v in _TINY.items()
@@ -68,7 +72,7 @@ def _siglip_vision(folder: Path) -> str:
 def _vit_mae(folder: Path) -> str:
     from transformers import ViTImageProcessorPil, ViTMAEConfig, ViTMAEModel
 
-    config = ViTMAEConfig(image_size=32, patch_size=8, mask_ratio=0.0, **_TINY)
+    config = ViTMAEConfig(image_size=32, patch_size=8, mask_ratio=0.75, **_TINY)
     return _save(folder, ViTMAEModel(config), ViTImageProcessorPil(size={"height": 32, "width": 32}))
 
 
@@ -210,13 +214,16 @@ def reference_states(path: str, files: Sequence[Path], layers: Sequence[int],
 
     Audio keeps the frames of the real audio (the model's own output-length formula);
     ViT-MAE gets identity noise, so no patch is shuffled or dropped. ``final_norm``, a
-    callable taking the model, gives the norm to apply to every layer.
+    callable taking the model, gives its final norm module: applied to every layer but
+    the last, which is then the model's own ``last_hidden_state``.
     """
     from PIL import Image
 
     from actcache.workers.media import decode_audio
 
     model, processor, modality = _load(path)
+    if model.config.model_type == "vit_mae":
+        model.config.mask_ratio = 0.0  # a real MAE checkpoint masks 75%: reference keeps all
     norm = final_norm(model) if final_norm else None
     out = []
     with torch.inference_mode():
@@ -234,11 +241,14 @@ def reference_states(path: str, files: Sequence[Path], layers: Sequence[int],
                 inputs = dict(processor(samples, sampling_rate=processor.sampling_rate,
                                         return_tensors="pt"))
                 frames = _real_frames(model, processor, len(samples))
-            hidden = model(**inputs, output_hidden_states=True).hidden_states
+            output = model(**inputs, output_hidden_states=True)
+            hidden, last = output.hidden_states, len(output.hidden_states) - 1
             states = {}
             for layer in layers:
                 h = hidden[layer][0]
-                h = norm(h) if norm is not None else h
+                if norm is not None:
+                    # The last layer with the norm is what the model itself returns.
+                    h = output.last_hidden_state[0] if layer == last else norm(h)
                 states[layer] = (h if frames is None else h[:frames]).float().numpy()
             out.append(states)
     return out

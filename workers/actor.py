@@ -23,7 +23,15 @@ import torch
 from actcache.schemas.store import UnitReceipt, UnitTask
 from actcache.workers.adapters import make_adapter
 from actcache.workers.capture import Capture
-from actcache.workers.model import first_line, load_config, num_layers, resolve_model_path
+from actcache.workers.final_norm import final_norm
+from actcache.workers.model import (
+    encoder_config,
+    encoder_of,
+    first_line,
+    load_config,
+    num_layers,
+    resolve_model_path,
+)
 from actcache.workers.storage import open_group
 from actcache.workers.writer import UnitWriter
 
@@ -52,7 +60,13 @@ def load_model(name: str, job: dict[str, Any], device: torch.device) -> Any:
         )
     except Exception as e:
         raise ModelLoadError(f"cannot load model {name!r}: {first_line(e)}") from e
-    return model.to(device).eval()
+    return encoder_of(model, modality(job)).to(device).eval()
+
+
+def modality(job: dict[str, Any]) -> str:
+    if job.get("image_column") is not None:
+        return "image"
+    return "audio" if job.get("audio_column") is not None else "text"
 
 
 class CachingWorker:
@@ -72,10 +86,14 @@ class CachingWorker:
         self.device = pick_device()
         name = job["model"]
         config = load_config(name, job.get("revision"), bool(job.get("trust_remote_code")))
-        self.adapter = make_adapter(job, config, manifest["max_length"], manifest["truncation_side"])
+        self.adapter = make_adapter(job, config, manifest["max_length"],
+                                    manifest["truncation_side"], storage_options)
         self.model = load_model(name, job, self.device)
+        config = encoder_config(config, modality(job))
+        n_layers = num_layers(config)
+        norm = final_norm(self.model, config, n_layers) if job.get("final_norm") else None
         self.capture = Capture(
-            self.model, manifest["layers"], num_layers(config), manifest["poolings"]
+            self.model, manifest["layers"], n_layers, manifest["poolings"], norm
         )
         self.batch_size = int(job["batch_size"])
         self.group = open_group(store_url, "r+", storage_options)
@@ -102,7 +120,7 @@ class CachingWorker:
         started = time.perf_counter()
         encoded = self.adapter.encode(task.inputs)
         writer = UnitWriter(self.group, self.manifest)
-        writer.start(task, encoded.lengths)
+        writer.start(task, encoded.lengths, encoded.extra)
         try:
             self._forward_all(encoded.examples, encoded.lengths, writer)
             receipt: UnitReceipt = writer.complete(encoded.truncated, time.perf_counter() - started)
@@ -111,13 +129,29 @@ class CachingWorker:
             raise
         return receipt.model_dump()
 
+    def _batches(self, order: np.ndarray, examples: list[dict[str, Any]]) -> list[np.ndarray]:
+        """Runs of at most ``batch_size`` rows in ``order`` that the adapter may batch together.
+
+        Images of different pixel shapes, and audio for a group-norm feature encoder of
+        different lengths, never share a batch (``adapter.batch_key``).
+        """
+        key = getattr(self.adapter, "batch_key", None)
+        groups: dict[Any, list[int]] = {}
+        for i in order:
+            groups.setdefault(key(examples[i]) if key else None, []).append(int(i))
+        return [
+            np.asarray(rows[i : i + self.batch_size])
+            for rows in groups.values()
+            for i in range(0, len(rows), self.batch_size)
+        ]
+
     def _forward_all(
         self, examples: list[dict[str, Any]], lengths: list[int], writer: UnitWriter
     ) -> None:
         # Longest first: batches of similar length waste little on padding, and the peak
         # memory of the unit shows on its first batch rather than its last.
         order = np.argsort([-n for n in lengths], kind="stable")
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = self._batches(order, examples)
         if not self.threaded_writer:
             with self._forward_lock:
                 for rows in batches:

@@ -174,13 +174,24 @@ def _rows(columns: dict[str, list[list[int]]]) -> list[dict[str, Any]]:
 
 
 def make_adapter(job: dict[str, Any], config: Any, max_length: int | None,
-                 truncation_side: str) -> TextAdapter:
-    """The adapter for the job's input column (text; images and audio in their modules)."""
-    return TextAdapter(
-        job["model"],
-        revision=job.get("revision"),
-        trust_remote_code=bool(job.get("trust_remote_code")),
-        max_length=max_length,
-        truncation_side=truncation_side,
-        model_config=config,
-    )
+                 truncation_side: str, storage_options: dict[str, Any] | None = None) -> Any:
+    """The adapter for the job's input column: text here, images and audio in their modules.
+
+    ``storage_options`` reach image and audio files at fsspec URLs.
+    """
+    common = {
+        "revision": job.get("revision"),
+        "trust_remote_code": bool(job.get("trust_remote_code")),
+        "max_length": max_length,
+        "model_config": config,
+    }
+    if job.get("image_column") is not None:
+        from actcache.workers.vision import ImageAdapter
+
+        return ImageAdapter(job["model"], storage_options=storage_options, **common)
+    if job.get("audio_column") is not None:
+        from actcache.workers.audio import AudioAdapter
+
+        return AudioAdapter(job["model"], truncation_side=truncation_side,
+                            storage_options=storage_options, **common)
+    return TextAdapter(job["model"], truncation_side=truncation_side, **common)

@@ -80,7 +80,7 @@ class AudioAdapter:
         """Real frames of ``samples`` samples, by the model class's own length formula."""
         from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-        model_cls = MODEL_MAPPING[type(self.config)]
+        model_cls: Any = MODEL_MAPPING[type(self.config)]
         if self.whisper:
             mel = min(samples // self.extractor.hop_length, self.extractor.nb_max_frames)
             samples = mel

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -20,11 +20,14 @@ class Capture:
     When the deepest requested layer ``k`` is below the model's last, the block list is cut
     to ``k`` blocks, so a sweep over early layers does not pay for the rest of the model.
     Layer ``k`` is then read from a hook on block ``k-1``: the model's own last hidden
-    state would carry its final norm, which index ``k < L`` must not.
+    state would carry its final norm, which index ``k < L`` must not. ``norm(layer, h)``,
+    when given, is applied to every layer's states before pooling (``final_norm`` jobs).
     """
 
-    def __init__(self, model: Any, layers: Sequence[int], n_layers: int, poolings: Sequence[str]):
+    def __init__(self, model: Any, layers: Sequence[int], n_layers: int, poolings: Sequence[str],
+                 norm: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
         self.model = model
+        self.norm = norm
         self.layers = tuple(layers)
         self.poolings = tuple(poolings)
         self.n_layers = n_layers
@@ -62,6 +65,8 @@ class Capture:
     @torch.inference_mode()
     def __call__(self, batch: Batch) -> Pooled:
         states = self.hidden_states(batch)
+        if self.norm is not None:
+            states = {layer: self.norm(layer, h) for layer, h in states.items()}
         return {
             (pooling, layer): pool(states[layer].float(), batch.mask, pooling, batch.prefix)
             for layer in self.layers

@@ -148,3 +148,32 @@ def block_list(model: Any, n_layers: int) -> Any | None:
         if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
             return module
     return None
+
+
+#: Two-tower checkpoints (CLIP, SigLIP): an image job runs the image tower alone.
+TWO_TOWER = ("clip", "siglip")
+
+
+def encoder_config(config: Any, modality: str) -> Any:
+    """The config that describes the encoder a job runs: the image tower of a two-tower model."""
+    if modality == "image" and getattr(config, "model_type", None) in TWO_TOWER:
+        return config.vision_config
+    return config
+
+
+def encoder_of(model: Any, modality: str) -> Any:
+    """The module an image or audio job runs: the image tower, or an encoder-decoder's encoder.
+
+    ViT-MAE's random masking is turned off (``mask_ratio = 0``): every patch is kept; the
+    image adapter's identity noise keeps them in place.
+    """
+    if modality == "text":
+        return model
+    config = model.config
+    if modality == "image" and getattr(config, "model_type", None) in TWO_TOWER:
+        return model.vision_model
+    if getattr(config, "is_encoder_decoder", False):
+        return model.get_encoder()
+    if getattr(config, "model_type", None) == "vit_mae":
+        config.mask_ratio = 0.0
+    return model

@@ -17,7 +17,7 @@ import torch
 from actcache.schemas.errors import ConfigError, ModelLoadError
 from actcache.workers.adapters import Batch, Encoded
 from actcache.workers.media import IMAGE_BACKEND, decode_image, describe, fetch
-from actcache.workers.model import first_line, resolve_model_path
+from actcache.workers.model import encoder_config, first_line, resolve_model_path
 
 #: Leading non-patch tokens per model type (registers are added from the config). A type
 #: not listed is refused: a wrong prefix count would give plausible, wrong poolings.
@@ -26,15 +26,6 @@ PREFIX_TOKENS = {
     "clip_vision_model": 1, "clip": 1, "deit": 2, "beit": 1, "data2vec-vision": 1,
     "siglip_vision_model": 0, "siglip": 0, "ijepa": 0,
 }
-#: Full two-tower checkpoints whose image tower is ``model.vision_model``.
-TWO_TOWER = ("clip", "siglip")
-
-
-def tower_config(config: Any) -> Any:
-    """The image tower's config of a two-tower (CLIP, SigLIP) checkpoint, else the config."""
-    if getattr(config, "model_type", None) in TWO_TOWER:
-        return config.vision_config
-    return config
 
 
 def prefix_tokens(config: Any) -> int:
@@ -44,7 +35,7 @@ def prefix_tokens(config: Any) -> int:
             f"model type {model_type!r} is not a vision encoder actcache knows the token layout "
             f"of (known: {', '.join(sorted(PREFIX_TOKENS))}); use one of those for `image_column`"
         )
-    return PREFIX_TOKENS[model_type] + int(getattr(tower_config(config), "num_register_tokens", 0) or 0)
+    return PREFIX_TOKENS[model_type] + int(getattr(encoder_config(config, "image"), "num_register_tokens", 0) or 0)
 
 
 class ImageAdapter:
@@ -77,7 +68,7 @@ class ImageAdapter:
             ) from e
         self.model_type = str(getattr(model_config, "model_type", ""))
         self.prefix = prefix_tokens(model_config)
-        vision = tower_config(model_config)
+        vision = encoder_config(model_config, "image")
         self.patch = int(vision.patch_size)
         self.channels = int(getattr(vision, "num_channels", 3))
         self.storage_options = storage_options

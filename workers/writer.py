@@ -78,8 +78,11 @@ class UnitWriter:
             self._arrays[key] = self.group[key]
         return self._arrays[key]
 
-    def start(self, task: UnitTask, lengths: Sequence[int]) -> None:
+    def start(self, task: UnitTask, lengths: Sequence[int],
+              extra: dict[str, Any] | None = None) -> None:
         self.task = task
+        # Image rows: each example's patch grid (rows, columns), for readers of `tokens`.
+        self.grid = (extra or {}).get("grid")
         n = len(task.ids)
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
@@ -124,6 +127,8 @@ class UnitWriter:
         self.array(layout.HASH_KEY)[lo:hi] = np.array(task.hashes, dtype=str)
         self.array(layout.META_KEY)[lo:hi] = np.array(task.meta, dtype=str)
         self.array(layout.TRUNCATED_KEY)[lo:hi] = np.asarray(truncated, dtype=bool)
+        if self.grid is not None and self.manifest.get("modality") == "image":
+            self.array(layout.GRID_KEY)[lo:hi] = np.asarray(self.grid, dtype=np.int32).reshape(n, 2)
         if "tokens" in self.manifest["poolings"]:
             base = task.unit * self.token_slots
             self.array(layout.TOKEN_OFFSET_KEY)[lo:hi] = self.offsets + base
