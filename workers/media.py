@@ -109,6 +109,11 @@ def read_checked(
     """The bytes behind ``ref``, decoded once to prove them readable; errors name ``where``."""
     try:
         data = fetch(ref, storage_options)
+    except FileNotFoundError as e:
+        raise InputDataError(
+            f"{where}: {modality} file {describe(ref)} does not exist; fix the path (relative "
+            "paths resolve against the inputs file's folder) or remove the row"
+        ) from e
     except (OSError, ValueError) as e:
         raise InputDataError(
             f"{where}: cannot read {modality} file {describe(ref)} ({e}); fix the path or "
