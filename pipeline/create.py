@@ -12,7 +12,7 @@ from zarr.codecs import BloscCodec
 
 from actcache.schemas import store as layout
 from actcache.schemas.errors import StoreMismatchError
-from actcache.schemas.job import SHAPING_FIELDS
+from actcache.schemas.job import SHAPING_FIELDS, JobConfig
 from actcache.schemas.store import Manifest
 
 # Measured by benchmarks/bench_codec.py (figures in docs/STORE.md): zstd over
@@ -39,7 +39,9 @@ def check_compatible(existing: dict[str, Any], manifest: Manifest) -> None:
     """Refuse a job whose shaping fields differ from the store's, naming the field."""
     old_job, new_job = existing.get("job", {}), manifest.job
     for field in SHAPING_FIELDS:
-        if _norm(old_job.get(field)) != _norm(new_job.get(field)):
+        # A store written before a field existed was written with that field's default.
+        default = JobConfig.model_fields[field].default
+        if _norm(old_job.get(field, default)) != _norm(new_job.get(field)):
             raise StoreMismatchError(
                 f"the store was written with {field}={old_job.get(field)!r} but the job has "
                 f"{field}={new_job.get(field)!r}; use another `store`, or --overwrite to replace it"

@@ -29,7 +29,6 @@ from actcache.workers.model import (
     encoder_config,
     hidden_size,
     load_config,
-    num_layers,
     resolve_layers,
     weights_fingerprint,
 )
@@ -90,10 +89,11 @@ class RunSummary:
 
 def describe_model(job: JobConfig) -> tuple[ModelInfo, Any, Any]:
     """Resolve the model and its tokenizer without loading weights (fast, before Ray)."""
-    from actcache.workers.adapters import make_adapter
+    from actcache.workers.adapters import make_adapter, model_side, side_layers
 
     config = load_config(job.model, job.revision, job.trust_remote_code)
     adapter = make_adapter(job.model_dump(mode="json"), config, job.max_length, job.truncation_side)
+    side = model_side(job.model_dump(mode="json"), config)
     config = encoder_config(config, job.modality)
     check_media_job(job, config, adapter)
     weights, commit = weights_fingerprint(job.model, job.revision)
@@ -102,7 +102,7 @@ def describe_model(job: JobConfig) -> tuple[ModelInfo, Any, Any]:
         revision=commit or job.revision,
         weights_hash=weights,
         model_type=str(getattr(config, "model_type", "unknown")),
-        num_hidden_layers=num_layers(config),
+        num_hidden_layers=side_layers(config, side),
         hidden_size=hidden_size(config),
         tokenizer=adapter.description,
         padding_side=adapter.padding_side,
@@ -123,7 +123,8 @@ def check_media_job(job: JobConfig, config: Any, adapter: Any) -> None:
         )
 
 
-def build_manifest(job: JobConfig, info: ModelInfo, max_length: int, prefix: int = 0) -> Manifest:
+def build_manifest(job: JobConfig, info: ModelInfo, max_length: int,
+                   side: str | None = None, prefix: int = 0) -> Manifest:
     layers = resolve_layers(job.layers, info.num_hidden_layers)
     return Manifest(
         actcache_version=__version__,
@@ -144,6 +145,7 @@ def build_manifest(job: JobConfig, info: ModelInfo, max_length: int, prefix: int
         prefix_tokens=prefix,
         final_norm=job.final_norm,
         processor_backend=IMAGE_BACKEND if job.modality == "image" else None,
+        side=side,
     )
 
 
@@ -268,13 +270,16 @@ def run_job(
     """Run ``job``: cache every new or edited input row into its store, then record the run."""
     started = time.perf_counter()
     info, _config, adapter = describe_model(job)
-    manifest = build_manifest(job, info, adapter.max_length, getattr(adapter, "prefix", 0))
-    inputs = load_inputs(job.inputs, job.input_column, job.id_column, storage_options, job.modality)
+    manifest = build_manifest(job, info, adapter.max_length, adapter.side,
+                              getattr(adapter, "prefix", 0))
+    inputs = load_inputs(job.inputs, job.input_column, job.id_column, storage_options,
+                         job.modality, pair_column=job.text_pair_column)
     if job.store.startswith("memory://") and not inline:
         raise ConfigError(
             "a memory:// store lives inside one process and Ray workers cannot reach it; "
             "use a local path or s3:// for `store`"
         )
+    manifest = _with_rendering(manifest, adapter, inputs.texts)
     occupied, existing = _store_exists(job.store, storage_options)
     if occupied and not overwrite:
         if existing is None:
@@ -287,14 +292,62 @@ def run_job(
     stored = empty_stored() if fresh else stored_rows(job.store, storage_options)
     run_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     plan = make_plan(inputs, stored, job.rows_per_unit, run_id)
+    for_workers = worker_manifest(manifest, plan)
     if dry_run:
-        _print_plan(echo, job, manifest, plan, estimate_bytes(manifest, plan, adapter))
+        check = _check_here(for_workers) if plan.tasks else None
+        _print_plan(echo, job, manifest, plan, estimate_bytes(manifest, plan, adapter), check)
         return RunSummary(job.store, run_id, 0, 0, 0, 0, time.perf_counter() - started, plan)
     with Lease(job.store, run_id, storage_options):
-        return _execute(job, manifest, plan, fresh, storage_options, inline, worker_cls, echo, started)
+        pool = _make_pool(job, for_workers, storage_options, inline, worker_cls) if plan.tasks else None
+        try:
+            # Every worker checks itself before anything is written: a refused model leaves
+            # the store as it was.
+            if pool is not None:
+                manifest = manifest.model_copy(update={"self_check": pool.check()})
+            return _execute(job, manifest, plan, fresh, storage_options, pool, echo, started)
+        finally:
+            if pool is not None:
+                pool.shutdown()
 
 
-def _print_plan(echo: Any, job: JobConfig, manifest: Manifest, plan: Plan, nbytes: int) -> None:
+def worker_manifest(manifest: Manifest, plan: Plan) -> dict[str, Any]:
+    """The manifest as workers get it: with the self-check's inputs (a few of this run's)."""
+    from actcache.workers.selfcheck import CHECK_INPUTS, pick_inputs
+
+    inputs = pick_inputs([x for task in plan.tasks for x in task.inputs])
+    return {**manifest.model_dump(mode="json"), CHECK_INPUTS: inputs}
+
+
+def _with_rendering(manifest: Manifest, adapter: Any, texts: list[Any]) -> Manifest:
+    """Note what the model sees of the first row when a template reshapes the text."""
+    rendered = adapter.render(texts[0]) if texts else None
+    return manifest.model_copy(update={"rendered_example": rendered})
+
+
+def _check_here(for_workers: dict[str, Any]) -> dict[str, Any]:
+    """The workers' self-check, run in this process (``--dry-run``)."""
+    from actcache.workers.actor import CachingWorker
+
+    return CachingWorker(None, for_workers).check()
+
+
+def _make_pool(job: JobConfig, manifest: dict[str, Any], storage_options: dict[str, Any] | None,
+               inline: bool, worker_cls: type | None) -> Any:
+    from actcache.pool import ActorPool, InlinePool, worker_options
+    from actcache.workers.actor import CachingWorker
+
+    cls = worker_cls or CachingWorker
+    if inline:
+        return InlinePool(job.store, manifest, storage_options, cls)
+    import ray
+
+    connect_ray()
+    count, options = worker_options(job.workers, job.cpus_per_worker, ray.cluster_resources())
+    return ActorPool(job.store, manifest, storage_options, count, options, cls)
+
+
+def _print_plan(echo: Any, job: JobConfig, manifest: Manifest, plan: Plan, nbytes: int,
+                check: dict[str, Any] | None) -> None:
     echo(f"store:    {job.store}")
     echo(f"model:    {manifest.model.name} ({manifest.model.model_type}, "
          f"{manifest.model.num_hidden_layers} blocks, hidden {manifest.model.hidden_size})")
@@ -305,6 +358,10 @@ def _print_plan(echo: Any, job: JobConfig, manifest: Manifest, plan: Plan, nbyte
          f"{plan.skipped} unchanged, {plan.missing} missing from input")
     echo(f"units:    {len(plan.tasks)} to compute ({job.rows_per_unit} rows each)")
     echo(f"bytes:    {nbytes / 1e6:.1f} MB to write (uncompressed)")
+    if check is not None:
+        echo(f"check:    padded batch = each input alone (max rel. error {check['max_rel_error']:.2g}"
+             f" over {check['examples']} inputs) with {check['padding_side']} padding, "
+             f"{check['positions']} positions")
 
 
 def _execute(
@@ -313,19 +370,20 @@ def _execute(
     plan: Plan,
     fresh: bool,
     storage_options: dict[str, Any] | None,
-    inline: bool,
-    worker_cls: type | None,
+    pool: Any,
     echo: Any,
     started: float,
 ) -> RunSummary:
-    from actcache.pool import ActorPool, InlinePool, worker_options
-    from actcache.workers.actor import CachingWorker
 
     if fresh:
         _clear(job.store, storage_options)
         create_store(open_group(job.store, "a", storage_options), manifest)
     group = open_group(job.store, "r+", storage_options)
-    current = grow(group, dict(group.attrs[layout.MANIFEST_ATTR]), plan.n_units)
+    stored = dict(group.attrs[layout.MANIFEST_ATTR])
+    if manifest.self_check is not None:
+        stored = {**stored, "self_check": manifest.self_check}
+    current = grow(group, stored, plan.n_units)
+    group.attrs.update({layout.MANIFEST_ATTR: current})
     record = RunRecord(
         run_id=plan.tasks[0].run_id if plan.tasks else "noop",
         started=_now(),
@@ -337,18 +395,7 @@ def _execute(
     try:
         _write_plan(group, plan)
         _apply_metadata_updates(group, plan)
-        if plan.tasks:
-            cls = worker_cls or CachingWorker
-            if inline:
-                pool: Any = InlinePool(job.store, current, storage_options, cls)
-            else:
-                import ray
-
-                connect_ray()
-                count, options = worker_options(
-                    job.workers, job.cpus_per_worker, ray.cluster_resources()
-                )
-                pool = ActorPool(job.store, current, storage_options, count, options, cls)
+        if pool is not None:
             progress = Progress(plan.pending_rows, len(plan.tasks))
 
             def on_receipt(receipt: UnitReceipt) -> None:
@@ -359,7 +406,6 @@ def _execute(
                 pool.run(plan.tasks, on_receipt)
             finally:
                 progress.close()
-                pool.shutdown()
     except BaseException as e:
         _record(group, record.model_copy(update={
             "ended": _now(), "status": "failed", "units": len(receipts),

@@ -15,10 +15,13 @@ FORMATS = ("jsonl", "csv", "parquet")
 
 @dataclass(frozen=True)
 class InputRows:
-    """The inputs, in input order: ids, model inputs, content hashes, metadata JSON."""
+    """The inputs, in input order: ids, model inputs, content hashes, metadata JSON.
+
+    A model input is a text, or a (text, pair) when the job names a pair column.
+    """
 
     ids: list[str]
-    texts: list[str]
+    texts: list[Any]
     hashes: list[str]
     meta: list[str]
     columns: list[str]
@@ -27,9 +30,10 @@ class InputRows:
         return len(self.ids)
 
 
-def content_hash(text: str) -> str:
+def content_hash(text: str | tuple[str, str]) -> str:
     """Hash of what the model sees: an edited text is re-cached, a metadata edit is not."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+    data = text if isinstance(text, str) else json.dumps(list(text), ensure_ascii=False)
+    return hashlib.sha256(data.encode("utf-8")).hexdigest()[:32]
 
 
 def input_format(url: str) -> str:
@@ -102,6 +106,7 @@ def load_inputs(
     id_column: str | None,
     storage_options: dict[str, Any] | None = None,
     modality: str = "text",
+    pair_column: str | None = None,
 ) -> InputRows:
     if modality != "text":
         from actcache.media_inputs import load_media_inputs
@@ -111,22 +116,31 @@ def load_inputs(
     if not records:
         raise InputDataError(f"inputs {url!r} hold no rows")
     columns = list(dict.fromkeys(k for r in records for k in r))
-    for column, what in ((text_column, "text_column"), (id_column, "id_column")):
+    named = ((text_column, "text_column"), (id_column, "id_column"),
+             (pair_column, "text_pair_column"))
+    for column, what in named:
         if column is not None and column not in columns:
             raise InputDataError(
                 f"inputs {url!r} have no column {column!r} (set by `{what}`); "
                 f"columns found: {', '.join(columns)}"
             )
-    ids, texts, hashes, meta = [], [], [], []
+    ids: list[str] = []
+    texts: list[Any] = []
+    hashes: list[str] = []
+    meta: list[str] = []
     seen: dict[str, int] = {}
     for number, record in enumerate(records):
-        text = record.get(text_column)
+        text: Any = record.get(text_column)
         row_id = str(record[id_column]) if id_column is not None else str(number)
-        if not isinstance(text, str) or not text.strip():
-            raise InputDataError(
-                f"row {number} (id {row_id!r}) has an empty or non-text {text_column!r}; "
-                "remove it or give it text"
-            )
+        for column in (text_column, pair_column):
+            value = record.get(column) if column is not None else "-"
+            if not isinstance(value, str) or not value.strip():
+                raise InputDataError(
+                    f"row {number} (id {row_id!r}) has an empty or non-text {column!r}; "
+                    "remove it or give it text"
+                )
+        if pair_column is not None:
+            text = (text, record[pair_column])
         if row_id in seen:
             raise InputDataError(
                 f"id {row_id!r} appears twice (rows {seen[row_id]} and {number}); ids must be unique"
@@ -135,7 +149,7 @@ def load_inputs(
         ids.append(row_id)
         texts.append(text)
         hashes.append(content_hash(text))
-        extra = {k: v for k, v in record.items() if k not in (text_column, id_column)}
+        extra = {k: v for k, v in record.items() if k not in (text_column, id_column, pair_column)}
         meta.append(json.dumps(extra, sort_keys=True, default=str, ensure_ascii=False))
-    meta_columns = [c for c in columns if c not in (text_column, id_column)]
+    meta_columns = [c for c in columns if c not in (text_column, id_column, pair_column)]
     return InputRows(ids, texts, hashes, meta, meta_columns)

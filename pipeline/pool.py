@@ -87,6 +87,21 @@ class ActorPool:
     def _new(self) -> Any:
         return self._cls.remote(*self._args)
 
+    def check(self) -> dict[str, Any]:
+        """Every actor's start-up self-check; the record of the first (they agree)."""
+        import ray
+        from ray.exceptions import RayTaskError
+
+        try:
+            records = ray.get([actor.check.remote() for actor in self.actors])
+        except RayTaskError as e:
+            cause = e.cause if isinstance(e.cause, BaseException) else e
+            raise cause from None
+        choices = {(r["padding_side"], r["positions"]) for r in records}
+        if len(choices) > 1:
+            raise RuntimeError(f"workers chose different padding fixes: {sorted(choices)}")
+        return dict(records[0])
+
     def run(self, tasks: list[UnitTask], on_receipt: Callable[[UnitReceipt], None]) -> None:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
@@ -157,6 +172,9 @@ class InlinePool:
         worker_cls: type = CachingWorker,
     ) -> None:
         self.worker = worker_cls(store_url, manifest, storage_options)
+
+    def check(self) -> dict[str, Any]:
+        return dict(self.worker.check())
 
     def run(self, tasks: list[UnitTask], on_receipt: Callable[[UnitReceipt], None]) -> None:
         for task in tasks:

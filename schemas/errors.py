@@ -33,6 +33,10 @@ class ModelLoadError(UserError, OSError):
     """The model or its tokenizer/processor cannot be loaded from the given path or id."""
 
 
+class SelfCheckError(UserError, ValueError):
+    """The model gives different values in a padded batch than alone, and no fix helped."""
+
+
 class LayerNotFoundError(UserError, KeyError):
     """A requested layer is outside the model, or not in the store."""
 

@@ -75,6 +75,18 @@ class JobConfig(Frozen):
     final_norm: bool = False
     """Apply the model's final norm (the one ``last_hidden_state`` carries) to every stored
     layer, as DINOv2's and timm's intermediate-layer APIs do."""
+    text_pair_column: str | None = None
+    """A second text column passed to the tokenizer as the pair (NLI, paraphrase probing)."""
+    chat_template: bool = False
+    """Render each text as a user turn through the tokenizer's own chat template."""
+    system_prompt: str | None = None
+    """With ``chat_template``: a system turn put before each user turn."""
+    add_generation_prompt: bool = False
+    """With ``chat_template``: end the rendering with the assistant's turn opener."""
+    side: Literal["encoder", "decoder"] | None = None
+    """Encoder–decoder models only: whose hidden states to cache; None = the encoder's."""
+    decoder_prompt: str = ""
+    """With ``side: decoder``: the fixed decoder input after the decoder start token."""
 
     store: str = Field(min_length=1)
     """Where the Zarr store goes: a local path, s3://bucket/prefix, memory://name ..."""
@@ -123,6 +135,12 @@ class JobConfig(Frozen):
             raise ValueError("`layers` is empty: give 'all' or at least one index")
         if self.image_column is not None and self.audio_column is not None:
             raise ValueError("give `image_column` or `audio_column`, not both")
+        if not self.chat_template and (self.system_prompt or self.add_generation_prompt):
+            raise ValueError("`system_prompt` and `add_generation_prompt` need `chat_template: true`")
+        if self.chat_template and self.text_pair_column:
+            raise ValueError("`chat_template` and `text_pair_column` cannot be combined")
+        if self.decoder_prompt and self.side != "decoder":
+            raise ValueError("`decoder_prompt` needs `side: decoder`")
         return self
 
     @property
@@ -155,4 +173,10 @@ SHAPING_FIELDS: tuple[str, ...] = (
     "image_column",
     "audio_column",
     "final_norm",
+    "text_pair_column",
+    "chat_template",
+    "system_prompt",
+    "add_generation_prompt",
+    "side",
+    "decoder_prompt",
 )

@@ -12,7 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 FORMAT_VERSION = 2
-"""Bumped with any change of layout (2: image and audio stores; see docs/STORE.md)."""
+"""Bumped with any change of layout (2: manifest keys ``side``, ``self_check``,
+``rendered_example``; image and audio stores; see docs/STORE.md)."""
 
 MANIFEST_ATTR = "actcache"
 """Root-group attribute that holds the manifest."""
@@ -121,6 +122,13 @@ class Manifest(Frozen):
     """Whether the model's final norm was applied to every stored layer."""
     processor_backend: str | None = None
     """The image processors' backend (``pil``), pinned: backends resize differently."""
+    side: str | None = None
+    """Encoder–decoder models: whose hidden states are stored (encoder or decoder)."""
+    self_check: dict[str, Any] | None = None
+    """The last run's start-up self-check: inputs compared, padding side and position
+    rule chosen, largest relative error of a padded batch against each input alone."""
+    rendered_example: str | None = None
+    """With ``chat_template``: the first row exactly as the model saw it."""
 
 
 class UnitReceipt(Frozen):
@@ -195,7 +203,7 @@ class UnitTask(Frozen):
     """Content hash of each row's model input."""
     meta: tuple[str, ...]
     """Each row's metadata columns as a JSON object."""
-    inputs: tuple[str, ...]
-    """Each row's model input (text)."""
+    inputs: tuple[str | tuple[str, str], ...]
+    """Each row's model input: a text, or (text, pair) with a pair column."""
     run_id: str
     """The run computing it."""

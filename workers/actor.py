@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from actcache.schemas.store import UnitReceipt, UnitTask
-from actcache.workers.adapters import make_adapter
+from actcache.workers.adapters import make_adapter, model_side, side_layers
 from actcache.workers.capture import Capture
 from actcache.workers.final_norm import final_norm
 from actcache.workers.model import (
@@ -29,9 +29,9 @@ from actcache.workers.model import (
     encoder_of,
     first_line,
     load_config,
-    num_layers,
     resolve_model_path,
 )
+from actcache.workers.selfcheck import CHECK_INPUTS, self_check, tolerance
 from actcache.workers.storage import open_group
 from actcache.workers.writer import UnitWriter
 
@@ -74,7 +74,7 @@ class CachingWorker:
 
     def __init__(
         self,
-        store_url: str,
+        store_url: str | None,
         manifest: dict[str, Any],
         storage_options: dict[str, Any] | None = None,
         threads: int | None = None,
@@ -90,13 +90,16 @@ class CachingWorker:
                                     manifest["truncation_side"], storage_options)
         self.model = load_model(name, job, self.device)
         config = encoder_config(config, modality(job))
-        n_layers = num_layers(config)
-        norm = final_norm(self.model, config, n_layers) if job.get("final_norm") else None
-        self.capture = Capture(
-            self.model, manifest["layers"], n_layers, manifest["poolings"], norm
-        )
+        side = model_side(job, config)
+        n_layers = side_layers(config, side)
+        self.capture = Capture(self.model, manifest["layers"], n_layers, manifest["poolings"], side)
+        if job.get("final_norm"):
+            self.capture.norm = final_norm(self.capture.net, config, n_layers)
         self.batch_size = int(job["batch_size"])
-        self.group = open_group(store_url, "r+", storage_options)
+        # Opened at the first unit: workers check themselves before the store is written.
+        self._store = (store_url, storage_options)
+        self._group: Any = None
+        self.checked: dict[str, Any] | None = None
         self._forward_lock = threading.Lock()
         # On a CPU there is no device copy to hide, and a writer thread only takes the GIL
         # from the forward pass (measured ~10% slower on MiniLM): batches are written inline.
@@ -114,9 +117,39 @@ class CachingWorker:
             "device": str(self.device),
         }
 
+    @property
+    def group(self) -> Any:
+        if self._group is None:
+            self._group = open_group(self._store[0] or "", "r+", self._store[1])
+        return self._group
+
+    def check(self) -> dict[str, Any]:
+        """The start-up self-check on the run's check inputs (see actcache.workers.selfcheck).
+
+        Leaves the chosen padding side and position rule applied, returns the record.
+        """
+        if self.checked is not None:
+            return self.checked
+        inputs = list(self.manifest.get(CHECK_INPUTS) or [])
+        job = self.manifest["job"]
+        started = time.perf_counter()
+        if self.batch_size == 1 or len(inputs) < 2:
+            # Every input runs alone: there is no padding to check.
+            record: dict[str, Any] = {"examples": 0, "padding_side": self.adapter.padding_side,
+                                      "positions": self.capture.positions, "max_rel_error": 0.0}
+        else:
+            tol = tolerance(self.manifest["dtype"], self.manifest["model_dtype"])
+            with self._forward_lock, torch.inference_mode():
+                record = self_check(self.capture, self.adapter, self.adapter.encode(inputs),
+                                    tol, job["model"])
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        self.checked = record
+        return record
+
     def process(self, task: UnitTask | dict[str, Any]) -> dict[str, Any]:
         if isinstance(task, dict):
             task = UnitTask.model_validate(task)
+        self.check()
         started = time.perf_counter()
         encoded = self.adapter.encode(task.inputs)
         writer = UnitWriter(self.group, self.manifest)

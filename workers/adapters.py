@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from actcache.schemas.errors import ModelLoadError
-from actcache.workers.model import first_line, resolve_model_path
+from actcache.schemas.errors import ConfigError, ModelLoadError
+from actcache.workers.model import first_line, num_layers, resolve_model_path
 
 # Tokenizers report "no limit" as a huge sentinel; beyond this we use the model config.
 _NO_LIMIT = 1_000_000
@@ -81,6 +81,8 @@ class TextAdapter:
     """
 
     modality = "text"
+    side: str | None = None
+    """Encoder–decoder models: whose hidden states are stored."""
 
     def __init__(
         self,
@@ -91,6 +93,8 @@ class TextAdapter:
         max_length: int | None = None,
         truncation_side: str = "right",
         model_config: Any = None,
+        chat: dict[str, Any] | None = None,
+        decoder_prompt: str | None = None,
     ) -> None:
         from transformers import AutoTokenizer
 
@@ -113,6 +117,15 @@ class TextAdapter:
         self.tokenizer.truncation_side = truncation_side
         self.max_length = max_length or self.model_limit(model_config)
         self.accepted = forward_parameters(model_config) if model_config is not None else None
+        self.chat = chat
+        if chat is not None and not self.tokenizer.chat_template:
+            raise ConfigError(
+                f"the tokenizer of {name!r} has no chat template; remove `chat_template: true` "
+                "from the job, or use a model whose tokenizer has one"
+            )
+        self.decoder_ids = (
+            None if decoder_prompt is None else self._decoder_ids(model_config, decoder_prompt)
+        )
 
     @property
     def padding_side(self) -> str:
@@ -135,8 +148,38 @@ class TextAdapter:
         usable = [v for v in limits if 0 < v < _NO_LIMIT]
         return min(usable) if usable else 512
 
-    def _tokenize(self, texts: Sequence[str], **kwargs: Any) -> dict[str, list[list[int]]]:
-        out = self.tokenizer(list(texts), add_special_tokens=True, **kwargs)
+    def _decoder_ids(self, config: Any, prompt: str) -> list[int]:
+        start = getattr(config, "decoder_start_token_id", None)
+        if start is None:
+            raise ConfigError(
+                f"{type(config).__name__} names no decoder_start_token_id; the decoder side "
+                "needs one: set it in the model's config.json"
+            )
+        return [int(start), *self.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+
+    def render(self, text: Any) -> str | None:
+        """The text as the model sees it when a chat template reshapes it, else None."""
+        if self.chat is None:
+            return None
+        messages = []
+        if self.chat.get("system_prompt"):
+            messages.append({"role": "system", "content": self.chat["system_prompt"]})
+        messages.append({"role": "user", "content": text})
+        return str(self.tokenizer.apply_chat_template(
+            messages, tokenize=False,
+            add_generation_prompt=bool(self.chat.get("add_generation_prompt")),
+        ))
+
+    def _tokenize(self, inputs: Sequence[Any], **kwargs: Any) -> dict[str, list[list[int]]]:
+        if self.chat is not None:
+            # The template writes the special tokens itself (as apply_chat_template does).
+            texts = [self.render(t) for t in inputs]
+            out = self.tokenizer(texts, add_special_tokens=False, **kwargs)
+        elif inputs and not isinstance(inputs[0], str):
+            out = self.tokenizer([a for a, _ in inputs], [b for _, b in inputs],
+                                 add_special_tokens=True, **kwargs)
+        else:
+            out = self.tokenizer(list(inputs), add_special_tokens=True, **kwargs)
         return {
             k: list(v)
             for k, v in out.items()
@@ -146,14 +189,14 @@ class TextAdapter:
     def encode(self, inputs: Sequence[Any]) -> Encoded:
         full = self._tokenize(inputs, truncation=False)
         lengths = [len(ids) for ids in full["input_ids"]]
-        if all(n <= self.max_length for n in lengths):
-            return Encoded(_rows(full), lengths, [False] * len(lengths))
-        cut = self._tokenize(inputs, truncation=True, max_length=self.max_length)
-        return Encoded(
-            _rows(cut),
-            [len(ids) for ids in cut["input_ids"]],
-            [n > self.max_length for n in lengths],
-        )
+        truncated = [n > self.max_length for n in lengths]
+        if any(truncated):
+            full = self._tokenize(inputs, truncation=True, max_length=self.max_length)
+            lengths = [len(ids) for ids in full["input_ids"]]
+        if self.decoder_ids is not None:
+            # The decoder side stores the positions of the fixed decoder prompt.
+            lengths = [len(self.decoder_ids)] * len(lengths)
+        return Encoded(_rows(full), lengths, truncated)
 
     def batch(self, examples: Sequence[dict[str, Any]]) -> Batch:
         """Padded tensors for a batch of encoded examples (every key padded alike)."""
@@ -165,12 +208,38 @@ class TextAdapter:
                 return_attention_mask=True,
             )
         )
-        return Batch(padded, padded["attention_mask"].bool())
+        if self.decoder_ids is None:
+            return Batch(padded, padded["attention_mask"].bool())
+        ids = torch.tensor([self.decoder_ids] * len(examples))
+        return Batch({**padded, "decoder_input_ids": ids}, torch.ones_like(ids, dtype=torch.bool))
 
 
 def _rows(columns: dict[str, list[list[int]]]) -> list[dict[str, Any]]:
     keys = list(columns)
     return [dict(zip(keys, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+
+
+def model_side(job: dict[str, Any], config: Any) -> str | None:
+    """Whose hidden states an encoder–decoder model stores (None for other models)."""
+    side = job.get("side")
+    if getattr(config, "is_encoder_decoder", False):
+        return str(side or "encoder")
+    if side is not None:
+        raise ConfigError(
+            f"model {job['model']!r} ({getattr(config, 'model_type', '?')}) is not an "
+            f"encoder–decoder model, so it has no {side} side; remove `side` from the job"
+        )
+    return None
+
+
+def side_layers(config: Any, side: str | None) -> int:
+    """Blocks on the stored side: hidden-state indices run 0..this."""
+    if side == "decoder":
+        for attr in ("num_decoder_layers", "decoder_layers"):
+            value = getattr(config, attr, None)
+            if isinstance(value, int):
+                return value
+    return num_layers(config)
 
 
 def make_adapter(job: dict[str, Any], config: Any, max_length: int | None,
@@ -179,19 +248,40 @@ def make_adapter(job: dict[str, Any], config: Any, max_length: int | None,
 
     ``storage_options`` reach image and audio files at fsspec URLs.
     """
-    common = {
+    side = model_side(job, config)
+    media = {
         "revision": job.get("revision"),
         "trust_remote_code": bool(job.get("trust_remote_code")),
         "max_length": max_length,
         "model_config": config,
+        "storage_options": storage_options,
     }
-    if job.get("image_column") is not None:
-        from actcache.workers.vision import ImageAdapter
+    adapter: Any
+    if job.get("image_column") is not None or job.get("audio_column") is not None:
+        if side == "decoder":
+            raise ConfigError("an image or audio job caches the encoder; remove `side: decoder`")
+        if job.get("image_column") is not None:
+            from actcache.workers.vision import ImageAdapter
 
-        return ImageAdapter(job["model"], storage_options=storage_options, **common)
-    if job.get("audio_column") is not None:
-        from actcache.workers.audio import AudioAdapter
+            adapter = ImageAdapter(job["model"], **media)
+        else:
+            from actcache.workers.audio import AudioAdapter
 
-        return AudioAdapter(job["model"], truncation_side=truncation_side,
-                            storage_options=storage_options, **common)
-    return TextAdapter(job["model"], truncation_side=truncation_side, **common)
+            adapter = AudioAdapter(job["model"], truncation_side=truncation_side, **media)
+        adapter.side = side
+        return adapter
+    chat = None
+    if job.get("chat_template"):
+        chat = {k: job.get(k) for k in ("system_prompt", "add_generation_prompt")}
+    adapter = TextAdapter(
+        job["model"],
+        revision=job.get("revision"),
+        trust_remote_code=bool(job.get("trust_remote_code")),
+        max_length=max_length,
+        truncation_side=truncation_side,
+        model_config=config,
+        chat=chat,
+        decoder_prompt=str(job.get("decoder_prompt") or "") if side == "decoder" else None,
+    )
+    adapter.side = side
+    return adapter

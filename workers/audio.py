@@ -99,6 +99,10 @@ class AudioAdapter:
                 hi = mid - 1
         return lo
 
+    def render(self, _ref: str) -> None:
+        """No text rendering: the model sees the decoded audio (the manifest notes none)."""
+        return None
+
     def encode(self, refs: Sequence[str]) -> Encoded:
         examples, lengths, truncated = [], [], []
         for ref in refs:

@@ -20,22 +20,36 @@ class Capture:
     When the deepest requested layer ``k`` is below the model's last, the block list is cut
     to ``k`` blocks, so a sweep over early layers does not pay for the rest of the model.
     Layer ``k`` is then read from a hook on block ``k-1``: the model's own last hidden
-    state would carry its final norm, which index ``k < L`` must not. ``norm(layer, h)``,
-    when given, is applied to every layer's states before pooling (``final_norm`` jobs).
+    state would carry its final norm, which index ``k < L`` must not.
+
+    The model numbers its own positions (``positions = "model"``). ``positions = "mask"``
+    (chosen by the self-check when a left-padded batch needs it) numbers real tokens the
+    way the model numbers an unpadded input: from its position table's first position.
+    ``side`` picks an encoder–decoder model's encoder (run alone) or decoder.
+    ``norm(layer, h)``, when given, is applied to every layer's states before pooling
+    (``final_norm`` jobs).
     """
 
     def __init__(self, model: Any, layers: Sequence[int], n_layers: int, poolings: Sequence[str],
+                 side: str | None = None,
                  norm: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
         self.model = model
         self.norm = norm
+        self.side = side
+        # The encoder side runs the encoder alone: T5 and BART refuse a full forward without
+        # decoder inputs, and the decoder would be wasted work.
+        self.net = model.get_encoder() if side == "encoder" else model
         self.layers = tuple(layers)
         self.poolings = tuple(poolings)
         self.n_layers = n_layers
         self._hooked: torch.Tensor | None = None
-        self._takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+        self.takes_positions = "position_ids" in inspect.signature(self.net.forward).parameters
+        self.positions = "model"
+        self._first_position = first_position(self.net)
         self._truncated = False
         deepest = max(self.layers)
-        blocks = block_list(model, n_layers)
+        # The decoder side runs the whole model; its block list is not the first one found.
+        blocks = block_list(self.net, n_layers) if side != "decoder" else None
         if deepest < n_layers and blocks is not None:
             keep = max(deepest, 1)
             del blocks[keep:]
@@ -48,13 +62,14 @@ class Capture:
 
     def hidden_states(self, batch: Batch) -> dict[int, torch.Tensor]:
         inputs = batch.inputs
-        if self._takes_positions and "position_ids" not in inputs:
-            # Positions count real tokens only, so a left-padded example sees the same
-            # positions as it would alone (many models default to 0..T-1 regardless).
+        if self.positions == "mask":
+            # Real tokens only are counted, so a left-padded example sees the positions it
+            # would see alone.
             mask = inputs["attention_mask"].long()
-            inputs = {**inputs, "position_ids": (mask.cumsum(-1) - 1).clamp_min(0)}
-        out = self.model(**inputs, output_hidden_states=True, return_dict=True)
-        states = out.hidden_states
+            positions = (mask.cumsum(-1) - 1).clamp_min(0) + self._first_position
+            inputs = {**inputs, "position_ids": positions}
+        out = self.net(**inputs, output_hidden_states=True, return_dict=True)
+        states = out.decoder_hidden_states if self.side == "decoder" else out.hidden_states
         if not self._truncated:
             return {layer: states[layer] for layer in self.layers}
         deepest = max(self.layers)
@@ -72,6 +87,17 @@ class Capture:
             for layer in self.layers
             for pooling in self.poolings
         }
+
+
+def first_position(model: Any) -> int:
+    """The position an unpadded input starts at: ``padding_idx + 1`` where the position
+    table reserves a padding row (RoBERTa and its family), else 0."""
+    for name, module in model.named_modules():
+        if name.endswith(("position_embeddings", "embed_positions", "wpe")) and isinstance(
+            module, torch.nn.Embedding
+        ):
+            return 0 if module.padding_idx is None else int(module.padding_idx) + 1
+    return 0
 
 
 def pool(h: torch.Tensor, mask: torch.Tensor, pooling: str, prefix: int = 0) -> torch.Tensor:

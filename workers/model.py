@@ -162,7 +162,8 @@ def encoder_config(config: Any, modality: str) -> Any:
 
 
 def encoder_of(model: Any, modality: str) -> Any:
-    """The module an image or audio job runs: the image tower, or an encoder-decoder's encoder.
+    """The module an image job runs: the image tower of a two-tower model (an encoder-decoder
+    such as Whisper runs its encoder side, as a text job's does).
 
     ViT-MAE's random masking is turned off (``mask_ratio = 0``): every patch is kept; the
     image adapter's identity noise keeps them in place.
@@ -172,8 +173,6 @@ def encoder_of(model: Any, modality: str) -> Any:
     config = model.config
     if modality == "image" and getattr(config, "model_type", None) in TWO_TOWER:
         return model.vision_model
-    if getattr(config, "is_encoder_decoder", False):
-        return model.get_encoder()
     if getattr(config, "model_type", None) == "vit_mae":
         config.mask_ratio = 0.0
     return model

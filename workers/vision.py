@@ -106,6 +106,10 @@ class ImageAdapter:
         rows, cols = self._grid(pixels)
         return self.prefix + rows * cols
 
+    def render(self, _ref: str) -> None:
+        """No text rendering: the model sees the decoded image (the manifest notes none)."""
+        return None
+
     def encode(self, refs: Sequence[str]) -> Encoded:
         examples, lengths, grids = [], [], []
         for ref in refs:
