@@ -51,8 +51,9 @@ class AudioAdapter:
             )
         except Exception as e:
             raise ModelLoadError(
-                f"cannot load a feature extractor for {name!r}: {first_line(e)}; an audio job "
-                "needs a model folder with its preprocessor_config.json"
+                f"{name!r} has no audio feature extractor ({type(e).__name__}); an audio job needs "
+                "a speech model folder with its preprocessor_config.json: remove `audio_column` "
+                "or use a speech model"
             ) from e
         if not hasattr(self.extractor, "sampling_rate"):
             raise ModelLoadError(f"{name!r} has no audio feature extractor; remove `audio_column`")

@@ -123,7 +123,7 @@ def read_checked(
         check_decodes(modality, data)
     except Exception as e:  # PIL and soundfile raise their own error types
         raise InputDataError(
-            f"{where}: {modality} file {describe(ref)} is corrupt or not a readable {modality} file "
-            f"({type(e).__name__}: {str(e).strip()[:120]}); replace it or remove the row"
+            f"{where}: {modality} file {describe(ref)} is corrupt or not a readable {modality} "
+            f"file ({type(e).__name__}); replace it or remove the row"
         ) from e
     return data
