@@ -6,8 +6,14 @@
 2. In process: the caching worker (tokenize, length-sorted forward, pool, cast, write
    zarr shards, commit) against a bare loop over the same length-sorted batches, both
    after the model is loaded, so the pipeline's own cost is visible apart from sorting.
+3. Images, in process: the caching worker on an image store (decode PNG bytes, the
+   checkpoint's image processor per image, forward, pool, write, commit) against a bare
+   processor + forward loop over the same images, in images/s; the images are
+   scikit-learn's digits and the model the vision example's tiny ViT
+   (examples/make_digits.py).
 
     python benchmarks/bench_cache.py [--rows 12000] [--batch-size 64] [--repeats 2]
+    python benchmarks/bench_cache.py --only-images
 
 Each side runs ``--repeats`` times, alternating, and its best time is kept.
 """
@@ -101,6 +107,66 @@ def in_process(inputs: Path, folder: Path, batch: int, rows_per_unit: int, repea
     return bare, cached
 
 
+def images_in_process(folder: Path, batch: int, rows_per_unit: int, repeats: int
+                      ) -> tuple[int, float, float]:
+    """(images, bare processor + forward loop seconds, caching worker seconds)."""
+    import io
+
+    import pandas as pd
+    import torch
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from make_digits import digits_table, tiny_vit
+
+    from actcache.create import create_store, grow
+    from actcache.driver import build_manifest, describe_model, parse_job
+    from actcache.inputs import load_inputs
+    from actcache.plan import empty_stored, make_plan
+    from actcache.workers.actor import CachingWorker
+    from actcache.workers.storage import open_group
+
+    table, model_dir = folder / "digits.parquet", folder / "tiny-vit"
+    n = digits_table(table)
+    tiny_vit(model_dir)
+    job = parse_job({"model": str(model_dir), "inputs": str(table), "image_column": "image",
+                     "id_column": "id", "store": str(folder / "images.zarr"), "layers": "all",
+                     "pooling": ["mean"], "batch_size": batch, "rows_per_unit": rows_per_unit})
+    info, _, adapter = describe_model(job)
+    manifest = build_manifest(job, info, adapter.max_length, None, adapter.prefix)
+    group = open_group(job.store, "a")
+    create_store(group, manifest)
+    rows = load_inputs(job.inputs, "image", "id", None, "image")
+    plan = make_plan(rows, empty_stored(), rows_per_unit, "bench")
+    current = grow(group, manifest.model_dump(mode="json"), plan.n_units)
+    worker = CachingWorker(job.store, current, None, threads=torch.get_num_threads())
+    worker.process(plan.tasks[0])  # warm-up
+    processor, model = worker.adapter.processor, worker.model
+    blobs = pd.read_parquet(table)["image"].tolist()
+
+    def bare_loop() -> float:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, len(blobs), batch):
+                images = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs[i : i + batch]]
+                pixels = processor(images, return_tensors="pt")
+                states = model(**pixels, output_hidden_states=True).hidden_states
+                [h[:, 1:].mean(1).half().numpy() for h in states]
+        return time.perf_counter() - started
+
+    def caching() -> float:
+        started = time.perf_counter()
+        for task in plan.tasks:
+            worker.process(task)
+        return time.perf_counter() - started
+
+    bares, cacheds = [], []
+    for _ in range(repeats):
+        bares.append(bare_loop())
+        cacheds.append(caching())
+    return n, min(bares), min(cacheds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=12000)
@@ -108,10 +174,13 @@ def main() -> None:
     parser.add_argument("--rows-per-unit", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each side; best kept")
     parser.add_argument("--skip-process", action="store_true")
+    parser.add_argument("--only-images", action="store_true", help="run the image row only")
     args = parser.parse_args()
     from actcache.workers.model import resolve_model_path
 
     folder = Path(tempfile.mkdtemp(prefix="actcache-bench-"))
+    if args.only_images:
+        return print_images(folder, args)
     inputs = make_inputs(folder, args.rows)
     print(f"MiniLM (6 layers, 384 wide), all 7 hidden states, mean pooling, float16; "
           f"{args.rows} rows, batch {args.batch_size}, {os.cpu_count()} CPUs")
@@ -134,6 +203,14 @@ def main() -> None:
     bare, cached = in_process(inputs, folder, args.batch_size, args.rows_per_unit, args.repeats)
     print(f"in process:    bare loop (sorted) {bare:.1f}s, caching worker {cached:.1f}s, "
           f"ratio {cached / bare:.2f}")
+    print_images(folder, args)
+
+
+def print_images(folder: Path, args: argparse.Namespace) -> None:
+    n, bare, cached = images_in_process(folder, args.batch_size, args.rows_per_unit, args.repeats)
+    print(f"images:        {n} digits through a tiny ViT (all 5 hidden states, mean); bare "
+          f"processor + forward loop {n / bare:.0f} images/s, caching worker {n / cached:.0f} "
+          f"images/s, ratio {cached / bare:.2f}")
 
 
 if __name__ == "__main__":
