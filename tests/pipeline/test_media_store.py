@@ -94,6 +94,7 @@ class FailOnUnit1(CachingWorker):
         return super().process(task)
 
 
+@pytest.mark.slow
 def test_resume_edit_probe_and_query_on_an_image_store(tmp_path, media_models):
     model = media_models("vit")
     folder = tmp_path / "images"
