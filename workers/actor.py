@@ -40,9 +40,12 @@ def pick_device() -> torch.device:
 
 def load_model(name: str, job: dict[str, Any], device: torch.device) -> Any:
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
     from actcache.schemas.errors import ModelLoadError
 
+    # The run reports its own progress; a weight-loading bar per worker is noise.
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModel.from_pretrained(
             resolve_model_path(name),
