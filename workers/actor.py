@@ -128,7 +128,7 @@ class CachingWorker:
             tol = tolerance(self.manifest["dtype"], self.manifest["model_dtype"])
             with self._forward_lock, torch.inference_mode():
                 record = self_check(self.capture, self.adapter, self.adapter.encode(inputs),
-                                    tol, job["model"])
+                                    tol, job["model"], self.device)
         record["seconds"] = round(time.perf_counter() - started, 3)
         self.checked = record
         return record
