@@ -47,9 +47,12 @@ def pick_device() -> torch.device:
 
 def load_model(name: str, job: dict[str, Any], device: torch.device) -> Any:
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
     from actcache.schemas.errors import ModelLoadError
 
+    # The run reports its own progress; a weight-loading bar per worker is noise.
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModel.from_pretrained(
             resolve_model_path(name),
@@ -141,7 +144,7 @@ class CachingWorker:
             tol = tolerance(self.manifest["dtype"], self.manifest["model_dtype"])
             with self._forward_lock, torch.inference_mode():
                 record = self_check(self.capture, self.adapter, self.adapter.encode(inputs),
-                                    tol, job["model"])
+                                    tol, job["model"], self.device)
         record["seconds"] = round(time.perf_counter() - started, 3)
         self.checked = record
         return record

@@ -46,8 +46,13 @@ def pick_inputs(inputs: Sequence[Any], count: int = CHECK_EXAMPLES) -> list[Any]
     return list(dict.fromkeys(picks))
 
 
-def compare(capture: Any, adapter: Any, examples: Sequence[dict[str, Any]]) -> tuple[float, str]:
+def compare(capture: Any, adapter: Any, examples: Sequence[dict[str, Any]],
+            device: torch.device | None = None) -> tuple[float, str]:
     """(largest relative error over layers and poolings, where it is) of batched vs alone."""
+    def run(group: Sequence[dict[str, Any]]) -> dict[tuple[str, int], torch.Tensor]:
+        batch = adapter.batch(group)
+        return dict(capture(batch if device is None else batch.to(device)))
+
     # Examples the adapter never batches together (images of other pixel shapes, audio
     # for a group-norm feature encoder of other lengths) are compared in the groups the
     # worker forms.
@@ -56,9 +61,9 @@ def compare(capture: Any, adapter: Any, examples: Sequence[dict[str, Any]]) -> t
     for e in examples:
         groups.setdefault(key_of(e) if key_of else None, []).append(e)
     ordered = [e for group in groups.values() for e in group]
-    parts = [capture(adapter.batch(group)) for group in groups.values()]
+    parts = [run(group) for group in groups.values()]
     batched = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-    alone = [capture(adapter.batch([e])) for e in ordered]
+    alone = [run([e]) for e in ordered]
     worst, where = 0.0, ""
     for key, got in batched.items():
         want = torch.cat([a[key] for a in alone])
@@ -79,7 +84,8 @@ def candidates(capture: Any, adapter: Any) -> list[tuple[str, str]]:
     return [(s, r) for s in sides for r in rules]
 
 
-def self_check(capture: Any, adapter: Any, encoded: Any, tol: float, model: str) -> dict[str, Any]:
+def self_check(capture: Any, adapter: Any, encoded: Any, tol: float, model: str,
+               device: torch.device | None = None) -> dict[str, Any]:
     """Choose a padding side and position rule that make batches exact, or refuse.
 
     The winning choice is left applied to ``adapter`` and ``capture``; the returned record
@@ -90,7 +96,7 @@ def self_check(capture: Any, adapter: Any, encoded: Any, tol: float, model: str)
     first_error, first_where = 0.0, ""
     for side, rule in candidates(capture, adapter):
         adapter.padding_side, capture.positions = side, rule
-        err, where = compare(capture, adapter, examples)
+        err, where = compare(capture, adapter, examples, device)
         if err <= tol:
             return {
                 "examples": len(examples), "lengths": list(encoded.lengths), "padding_side": side,

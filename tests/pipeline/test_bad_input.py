@@ -74,6 +74,12 @@ CASES = [
     ("duplicate-ids", lambda f, j: {**j, "id_column": "label"},
      "appears twice", "ids must be unique"),
     ("unknown-field", lambda f, j: {**j, "layer": 3}, "`layer`", "Extra inputs"),
+    ("missing-pair-column", lambda f, j: {**j, "text_pair_column": "hypothesis"},
+     "no column 'hypothesis' (set by `text_pair_column`)", "columns found: text, label"),
+    ("chat-template-missing", lambda f, j: {**j, "chat_template": True},
+     "has no chat template", "remove `chat_template: true`"),
+    ("side-the-model-lacks", lambda f, j: {**j, "side": "decoder"},
+     "not an encoder–decoder model, so it has no decoder side", "remove `side`"),
 ]
 
 
@@ -155,3 +161,68 @@ def test_float16_overflow_inside_an_actor_is_one_line(tmp_path, overflowing_bert
     assert code == 2
     assert [e for e in err if e.startswith("error:")] == [err[-1]]
     assert "beyond float16's ±65504; set `dtype: bfloat16`" in err[-1]
+
+
+LEAKY_MODEL = '''
+from transformers import BertConfig, BertModel
+
+
+class LeakyConfig(BertConfig):
+    model_type = "leaky-bert"
+
+
+class LeakyBert(BertModel):
+    """A BERT that attends to padding: broken under padding on purpose."""
+
+    config_class = LeakyConfig
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        return super().forward(input_ids=input_ids, **kwargs)
+'''
+
+
+@pytest.fixture(scope="module")
+def leaky_bert(tmp_path_factory):
+    """A model (shipped as remote code) whose values change when its batch is padded."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from tests.conftest import _bert_tokenizer
+
+    folder = tmp_path_factory.mktemp("leaky-bert")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=64)).save_pretrained(folder)
+    _bert_tokenizer(folder)
+    (folder / "modeling_leaky.py").write_text(LEAKY_MODEL)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="leaky-bert", auto_map={"AutoConfig": "modeling_leaky.LeakyConfig",
+                                                      "AutoModel": "modeling_leaky.LeakyBert"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_self_check_refuses_a_model_broken_under_padding(tmp_path, leaky_bert, capsys):
+    from actcache.schemas.errors import SelfCheckError
+
+    # Each input alone (batch_size 1) is exact, so a store can be written that way.
+    job = {"model": leaky_bert, "trust_remote_code": True, "layers": [0, 2],
+           "inputs": write(tmp_path, "in.jsonl", "".join(
+               json.dumps({"text": t}) + "\n" for t in SENTENCES[:4])),
+           "store": str(tmp_path / "s.zarr"), "batch_size": 1, "rows_per_unit": 4}
+    run_job(parse_job(job), inline=True, echo=lambda *_: None)
+    assert open_store(job["store"]).manifest["self_check"]["examples"] == 0
+    before = tree_digest(tmp_path / "s.zarr")
+    grown = {**job, "batch_size": 4, "inputs": write(tmp_path, "more.jsonl", "".join(
+        json.dumps({"text": t}) + "\n" for t in SENTENCES[:10]))}
+    with pytest.raises(SelfCheckError, match="is not exact under padding: at layer "):
+        run_job(parse_job(grown), inline=True, echo=lambda *_: None)
+    assert tree_digest(tmp_path / "s.zarr") == before
+    # --dry-run runs the same check in this process: the same one line, exit 2.
+    capsys.readouterr()
+    code, err = run_cli(tmp_path, grown, capsys, "--dry-run")
+    assert code == 2
+    assert len(err) == 1, err
+    assert err[0].startswith(f"error: model {leaky_bert!r} is not exact under padding: at layer ")
+    assert "relative error of" in err[0] and "set `batch_size: 1`" in err[0]
+    assert tree_digest(tmp_path / "s.zarr") == before
