@@ -382,8 +382,8 @@ def _execute(
     stored = dict(group.attrs[layout.MANIFEST_ATTR])
     if manifest.self_check is not None:
         stored = {**stored, "self_check": manifest.self_check}
-    current = grow(group, stored, plan.n_units)
-    group.attrs.update({layout.MANIFEST_ATTR: current})
+        group.attrs.update({layout.MANIFEST_ATTR: stored})
+    grow(group, stored, plan.n_units)
     record = RunRecord(
         run_id=plan.tasks[0].run_id if plan.tasks else "noop",
         started=_now(),
