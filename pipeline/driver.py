@@ -146,11 +146,17 @@ def _store_exists(url: str, storage_options: dict[str, Any] | None) -> tuple[boo
         # Another run's lease alone (it is creating the store) does not make the folder
         # foreign: that run's lease refuses this one with a message naming its holder.
         occupied = fs.exists(root) and any(
-            e.rstrip("/").rsplit("/", 1)[-1] != "lease" for e in fs.ls(root, detail=False)
+            not _is_lease(e) for e in fs.ls(root, detail=False)
         )
         return occupied, None
     group = open_group(url, "r", storage_options)
     return True, dict(group.attrs.get(layout.MANIFEST_ATTR) or {}) or None
+
+
+def _is_lease(entry: str) -> bool:
+    """The lease folder, or a lease being created (see actcache.lease)."""
+    name = entry.rstrip("/").rsplit("/", 1)[-1]
+    return name == "lease" or name.startswith(".lease-")
 
 
 def _clear(url: str, storage_options: dict[str, Any] | None) -> None:
@@ -161,7 +167,7 @@ def _clear(url: str, storage_options: dict[str, Any] | None) -> None:
     if not fs.exists(root):
         return
     for entry in fs.ls(root, detail=False):
-        if entry.rstrip("/").rsplit("/", 1)[-1] != "lease":
+        if not _is_lease(entry):
             fs.rm(entry, recursive=True)
 
 
@@ -261,6 +267,24 @@ def run_job(
             "a memory:// store lives inside one process and Ray workers cannot reach it; "
             "use a local path or s3:// for `store`"
         )
+    run_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    if dry_run:
+        _, plan = _prepare(job, manifest, inputs, overwrite, storage_options, run_id)
+        _print_plan(echo, job, manifest, plan, estimate_bytes(manifest, plan, adapter))
+        return RunSummary(job.store, run_id, 0, 0, 0, 0, time.perf_counter() - started, plan)
+    _check_store(job, manifest, overwrite, storage_options)  # refuse before touching it
+    # The store is read again and planned under the lease: a run that waited for another
+    # to finish plans against what that run wrote, never against what it saw before.
+    with Lease(job.store, run_id, storage_options) as lease:
+        fresh, plan = _prepare(job, manifest, inputs, overwrite, storage_options, run_id)
+        return _execute(job, manifest, plan, fresh, storage_options, inline, worker_cls, echo,
+                        started, lease)
+
+
+def _check_store(
+    job: JobConfig, manifest: Manifest, overwrite: bool, storage_options: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The existing store's manifest (None when there is none); refuses an incompatible one."""
     occupied, existing = _store_exists(job.store, storage_options)
     if occupied and not overwrite:
         if existing is None:
@@ -269,15 +293,18 @@ def run_job(
                 "or --overwrite to replace it"
             )
         check_compatible(existing, manifest)
+    return existing
+
+
+def _prepare(
+    job: JobConfig, manifest: Manifest, inputs: Any, overwrite: bool,
+    storage_options: dict[str, Any] | None, run_id: str,
+) -> tuple[bool, Plan]:
+    """(whether the store is made anew, the plan) after checking the store against the job."""
+    existing = _check_store(job, manifest, overwrite, storage_options)
     fresh = overwrite or existing is None
     stored = empty_stored() if fresh else stored_rows(job.store, storage_options)
-    run_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    plan = make_plan(inputs, stored, job.rows_per_unit, run_id)
-    if dry_run:
-        _print_plan(echo, job, manifest, plan, estimate_bytes(manifest, plan, adapter))
-        return RunSummary(job.store, run_id, 0, 0, 0, 0, time.perf_counter() - started, plan)
-    with Lease(job.store, run_id, storage_options):
-        return _execute(job, manifest, plan, fresh, storage_options, inline, worker_cls, echo, started)
+    return fresh, make_plan(inputs, stored, job.rows_per_unit, run_id)
 
 
 def _print_plan(echo: Any, job: JobConfig, manifest: Manifest, plan: Plan, nbytes: int) -> None:
@@ -303,6 +330,7 @@ def _execute(
     worker_cls: type | None,
     echo: Any,
     started: float,
+    lease: Lease | None = None,
 ) -> RunSummary:
     from actcache.pool import ActorPool, InlinePool, worker_options
     from actcache.workers.actor import CachingWorker
@@ -338,6 +366,8 @@ def _execute(
             progress = Progress(plan.pending_rows, len(plan.tasks))
 
             def on_receipt(receipt: UnitReceipt) -> None:
+                if lease is not None:
+                    lease.check()
                 receipts.append(receipt)
                 progress.update(receipt)
 
