@@ -73,6 +73,10 @@ class StoreIncompleteError(UserError, ValueError):
     """The store has units that are not complete, and the operation needs all of them."""
 
 
+class StoreCorruptError(UserError, OSError):
+    """A stored chunk fails its checksum: the message names the units to repair."""
+
+
 class OverflowStorageError(UserError, OverflowError):
     """A value does not fit the storage dtype (float16 beyond ±65504)."""
 

@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FORMAT_VERSION = 1
-"""Bumped with any change of layout."""
+FORMAT_VERSION = 2
+"""Bumped with any change of layout (2: crc32c checksums on activation chunks)."""
 
 MANIFEST_ATTR = "actcache"
 """Root-group attribute that holds the manifest."""
@@ -104,6 +104,8 @@ class Manifest(Frozen):
     """Rows per inner chunk (the unit of reading)."""
     codec: str
     """Compression codec of activation arrays."""
+    checksum: str | None = "crc32c"
+    """Checksum of every activation chunk (format 2); absent in format 1 stores."""
     n_units: int = 0
     """Units planned so far (complete or not)."""
     truncated: int = 0
