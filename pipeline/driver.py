@@ -31,7 +31,7 @@ from actcache.workers.model import (
     resolve_layers,
     weights_fingerprint,
 )
-from actcache.workers.storage import open_group
+from actcache.workers.storage import check_access, open_group
 
 
 def load_job(path: str | os.PathLike[str], **overrides: Any) -> JobConfig:
@@ -260,6 +260,7 @@ def run_job(
 ) -> RunSummary:
     """Run ``job``: cache every new or edited input row into its store, then record the run."""
     started = time.perf_counter()
+    check_access(job.store, storage_options)
     info, _config, adapter = describe_model(job)
     manifest = build_manifest(job, info, adapter.max_length)
     inputs = load_inputs(job.inputs, job.text_column, job.id_column, storage_options)

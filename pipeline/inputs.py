@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actcache.schemas.errors import InputDataError, InputFileNotFoundError
+from actcache.workers.storage import with_retries
 
 FORMATS = ("jsonl", "csv", "parquet")
 
@@ -48,7 +49,7 @@ def read_records(url: str, storage_options: dict[str, Any] | None = None) -> lis
 
     fmt = input_format(url)
     try:
-        with fsspec.open(url, "rb", compression="infer", **(storage_options or {})) as f:
+        with fsspec.open(url, "rb", compression="infer", **with_retries(url, storage_options)) as f:
             data = f.read()
     except FileNotFoundError as e:
         raise InputFileNotFoundError(

@@ -93,12 +93,14 @@ class Lease:
             cond = {"IfMatch": replacing} if replacing is not None else {"IfNoneMatch": "*"}
             try:
                 out = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **cond)
-            except FileExistsError:
-                return False
-            except OSError as e:  # 412 on If-Match: someone else replaced it first
-                if "Precondition" in str(e) or "At least one of the pre-conditions" in str(e):
+            except OSError as e:  # 412: the condition failed
+                if not isinstance(e, FileExistsError) and "re-condition" not in str(e):
+                    raise
+                # A retried request whose first attempt did land finds its own bytes.
+                found = self._read()
+                if found is None or found[0] != data:
                     return False
-                raise
+                out = {"ETag": found[1]}
             self._tag = out["ETag"]
             return True
         path = local_path(self.path)

@@ -19,7 +19,7 @@ from actcache.schemas.errors import (
     StoreCorruptError,
     StoreNotFoundError,
 )
-from actcache.workers.storage import open_group
+from actcache.workers.storage import check_access, open_group
 
 RowsLike = Sequence[int] | np.ndarray | None
 
@@ -98,6 +98,7 @@ class Store:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         self.url = url
         self.storage_options = storage_options
+        check_access(url, storage_options)
         try:
             self.group = open_group(url, "r", storage_options)
             manifest = self.group.attrs.get(layout.MANIFEST_ATTR)

@@ -73,6 +73,10 @@ class StoreIncompleteError(UserError, ValueError):
     """The store has units that are not complete, and the operation needs all of them."""
 
 
+class StorageAccessError(UserError, OSError):
+    """The object store refuses for good: no such bucket, access denied."""
+
+
 class StoreCorruptError(UserError, OSError):
     """A stored chunk fails its checksum: the message names the units to repair."""
 
