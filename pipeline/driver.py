@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import socket
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -383,6 +384,7 @@ def _execute(
     )
     _record(group, record)
     receipts: list[UnitReceipt] = []
+    redone: list[int] = []
     try:
         _write_plan(group, plan)
         _apply_metadata_updates(group, plan)
@@ -398,6 +400,13 @@ def _execute(
                     job.workers, job.cpus_per_worker, ray.cluster_resources()
                 )
                 pool = ActorPool(job.store, current, storage_options, count, options, cls)
+
+                def on_lost(unit: int, why: str) -> None:
+                    redone.append(unit)
+                    print(f"caching: a worker was lost ({why}); unit {unit} is redone on "
+                          "another", file=sys.stderr, flush=True)
+
+                pool.on_lost = on_lost
             progress = Progress(plan.pending_rows, len(plan.tasks))
 
             def on_receipt(receipt: UnitReceipt) -> None:
@@ -414,7 +423,7 @@ def _execute(
     except BaseException as e:
         _record(group, record.model_copy(update={
             "ended": _now(), "status": "failed", "units": len(receipts),
-            "errors": (f"{type(e).__name__}: {e}",),
+            "errors": (f"{type(e).__name__}: {e}",), "units_redone": tuple(redone),
         }))
         raise
     truncated = _finish(group, job, storage_options)
@@ -422,6 +431,7 @@ def _execute(
         "ended": _now(), "status": "succeeded", "units": len(receipts),
         "rows_added": plan.added, "rows_updated": plan.updated, "rows_skipped": plan.skipped,
         "rows_missing": plan.missing, "rows_metadata_updated": len(plan.metadata_updates),
+        "units_redone": tuple(redone),
     }))
     summary = RunSummary(
         job.store, record.run_id, sum(r.rows for r in receipts), len(receipts),

@@ -165,6 +165,8 @@ class RunRecord(Frozen):
     """Units computed by this run."""
     errors: tuple[str, ...] = Field(default_factory=tuple)
     """Error lines, when the run failed."""
+    units_redone: tuple[int, ...] = Field(default_factory=tuple)
+    """Units whose worker was lost (actor or node died) and that were redone on another."""
     actcache_version: str = ""
     """Version of actcache that ran."""
     host: str = ""

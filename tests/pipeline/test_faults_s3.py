@@ -26,9 +26,9 @@ pytestmark = [pytest.mark.s3]
 def flaky(s3_server: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
     import s3fs
 
-    with FaultProxy(s3_server, rate=0.1, seed=13, slow_s=3.0) as proxy:
+    with FaultProxy(s3_server, rate=0.05, seed=13, slow_s=2.0) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        monkeypatch.setenv("ACTCACHE_S3_READ_TIMEOUT_S", "2")
+        monkeypatch.setenv("ACTCACHE_S3_READ_TIMEOUT_S", "1.5")
         s3fs.S3FileSystem.clear_instance_cache()
         yield proxy
     s3fs.S3FileSystem.clear_instance_cache()
@@ -52,7 +52,7 @@ def test_cache_probe_and_query_through_a_flaky_s3_equal_a_fault_free_run(
     url = f"s3://{s3_bucket}/flaky.zarr"
     flaky.rate = 0.0
     run_job(job(tmp_path, tiny_bert, local), inline=True, echo=lambda *_: None)
-    flaky.rate = 0.1
+    flaky.rate = 0.05
 
     run_job(job(tmp_path, tiny_bert, url), inline=True, echo=lambda *_: None)
 
