@@ -42,8 +42,11 @@ def load_job(path: str | os.PathLike[str], **overrides: Any) -> JobConfig:
         raw = yaml.safe_load(file.read_text())
     except FileNotFoundError as e:
         raise ConfigError(f"job file {str(file)!r} does not exist") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"job file {str(file)!r} is not UTF-8 text (byte {e.start})") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"job file {str(file)!r} is not valid YAML: {e}") from e
+        flat = " ".join(str(e).split())  # one line: the error names line and column itself
+        raise ConfigError(f"job file {str(file)!r} is not valid YAML: {flat}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"job file {str(file)!r} must be a mapping of job fields")
     raw.update({k: v for k, v in overrides.items() if v is not None})

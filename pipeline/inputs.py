@@ -57,7 +57,14 @@ def read_records(url: str, storage_options: dict[str, Any] | None = None) -> lis
             "resolve against the job file's folder)"
         ) from e
     if fmt == "jsonl":
-        return _parse_jsonl(data.decode("utf-8"), url)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            raise InputDataError(
+                f"{url}: line {line} is not UTF-8 (byte {e.start}); save the file as UTF-8"
+            ) from e
+        return _parse_jsonl(text, url)
     import io
 
     import pandas as pd
