@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 import socket
 import sys
@@ -22,7 +23,7 @@ from actcache.lease import Lease
 from actcache.plan import Plan, StoredRows, empty_stored, make_plan
 from actcache.progress import Progress
 from actcache.schemas import store as layout
-from actcache.schemas.errors import ConfigError, StoreMismatchError
+from actcache.schemas.errors import ConfigError, StorageFullError, StoreMismatchError
 from actcache.schemas.job import JobConfig
 from actcache.schemas.store import Manifest, ModelInfo, RunRecord, UnitReceipt
 from actcache.workers.model import (
@@ -281,12 +282,21 @@ def run_job(
     _check_store(job, manifest, overwrite, storage_options)  # refuse before touching it
     # The store is read again and planned under the lease: a run that waited for another
     # to finish plans against what that run wrote, never against what it saw before.
-    with Lease(job.store, run_id, storage_options) as lease:
-        if repair:
-            _repair(job.store, set(inputs.ids), storage_options, echo)
-        fresh, plan = _prepare(job, manifest, inputs, overwrite, storage_options, run_id)
-        return _execute(job, manifest, plan, fresh, storage_options, inline, worker_cls, echo,
-                        started, lease)
+    try:
+        with Lease(job.store, run_id, storage_options) as lease:
+            if repair:
+                _repair(job.store, set(inputs.ids), storage_options, echo)
+            fresh, plan = _prepare(job, manifest, inputs, overwrite, storage_options, run_id)
+            return _execute(job, manifest, plan, fresh, storage_options, inline, worker_cls,
+                            echo, started, lease)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise StorageFullError(
+            f"store {job.store}: no space left on its device ({e.strerror}); every unit "
+            "committed so far is kept: free space (or move the store) and run the job again "
+            "to finish it"
+        ) from e
 
 
 def _repair(url: str, input_ids: set[str], storage_options: dict[str, Any] | None,
@@ -424,7 +434,7 @@ def _execute(
                 progress.close()
                 pool.shutdown()
     except BaseException as e:
-        _record(group, record.model_copy(update={
+        _record_failure(group, record.model_copy(update={
             "ended": _now(), "status": "failed", "units": len(receipts),
             "errors": (f"{type(e).__name__}: {e}",), "units_redone": tuple(redone),
         }))
@@ -463,6 +473,14 @@ def _finish(group: Any, job: JobConfig, storage_options: dict[str, Any] | None) 
     manifest = dict(group.attrs[layout.MANIFEST_ATTR])
     group.attrs.update({layout.MANIFEST_ATTR: {**manifest, "truncated": truncated}})
     return truncated
+
+
+def _record_failure(group: Any, record: RunRecord) -> None:
+    """Record a failed run where the store still takes writes (not on a full disk)."""
+    try:
+        _record(group, record)
+    except OSError:
+        pass
 
 
 def _record(group: Any, record: RunRecord) -> None:

@@ -77,6 +77,10 @@ class StorageAccessError(UserError, OSError):
     """The object store refuses for good: no such bucket, access denied."""
 
 
+class StorageFullError(UserError, OSError):
+    """The store's filesystem or bucket has no space left: committed units stay readable."""
+
+
 class StoreCorruptError(UserError, OSError):
     """A stored chunk fails its checksum: the message names the units to repair."""
 
