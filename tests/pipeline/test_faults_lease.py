@@ -90,6 +90,7 @@ def race(url_for_round: Any, rounds: int, budget_s: float) -> dict[str, int]:
 @pytest.mark.slow
 def test_racing_runs_on_a_local_store_never_both_write(tmp_path: Path) -> None:
     counts = race(lambda n: str(tmp_path / f"store-{n}.zarr"), rounds=20, budget_s=40)
+    print(f"local race: {counts}")
     assert counts["rounds"] >= 10
     assert counts["interleaved"] == 0 and counts["overlapping"] == 0
     assert counts["none"] == 0 and counts["one_writer"] >= counts["rounds"] - 2, counts
@@ -99,6 +100,7 @@ def test_racing_runs_on_a_local_store_never_both_write(tmp_path: Path) -> None:
 @pytest.mark.s3
 def test_racing_runs_on_an_s3_store_never_both_write(s3_bucket: str) -> None:
     counts = race(lambda n: f"s3://{s3_bucket}/store-{n}.zarr", rounds=12, budget_s=40)
+    print(f"S3 race: {counts}")
     assert counts["rounds"] >= 6
     assert counts["interleaved"] == 0 and counts["overlapping"] == 0
     assert counts["none"] == 0 and counts["one_writer"] >= counts["rounds"] - 2, counts
