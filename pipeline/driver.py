@@ -285,7 +285,9 @@ def run_job(
     try:
         with Lease(job.store, run_id, storage_options) as lease:
             if repair:
-                _repair(job.store, set(inputs.ids), storage_options, echo)
+                from actcache.verify import repair as uncommit_corrupt
+
+                uncommit_corrupt(job.store, set(inputs.ids), storage_options, echo)
             fresh, plan = _prepare(job, manifest, inputs, overwrite, storage_options, run_id)
             return _execute(job, manifest, plan, fresh, storage_options, inline, worker_cls,
                             echo, started, lease)
@@ -297,37 +299,6 @@ def run_job(
             "committed so far is kept: free space (or move the store) and run the job again "
             "to finish it"
         ) from e
-
-
-def _repair(url: str, input_ids: set[str], storage_options: dict[str, Any] | None,
-            echo: Any) -> None:
-    """Uncommit the units whose chunks fail their checksum, so this run recomputes them."""
-    import numpy as np
-
-    from actcache.store import Store, _gather
-    from actcache.verify import scan, uncommit
-
-    if not _store_exists(url, storage_options)[1]:
-        return
-    store = Store(url, storage_options)
-    found = scan(store)
-    corrupt = sorted(found)
-    if not corrupt:
-        echo("repair: every chunk reads and matches its checksum; nothing to recompute")
-        return
-    rpu = int(store.manifest["rows_per_unit"])
-    receipts = {r.unit: r for r in store.receipts}
-    slots = np.concatenate([np.arange(u * rpu, u * rpu + receipts[u].rows) for u in corrupt])
-    lost = sorted({str(i) for i in _gather(store.group[layout.IDS_KEY], slots)} - input_ids)
-    if lost:
-        raise ConfigError(
-            f"units {', '.join(map(str, corrupt))} need recomputing but ids "
-            f"{', '.join(map(repr, lost[:5]))} are not in the inputs any more; "
-            "run --repair with the inputs that wrote them"
-        )
-    uncommit(store, found)
-    echo(f"repair: recomputing units {', '.join(map(str, corrupt))} "
-         "(chunks that failed their checksum)")
 
 
 def _check_store(

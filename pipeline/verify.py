@@ -74,3 +74,37 @@ def uncommit(store: Store, corrupt: dict[int, list[str]]) -> None:
             shard = arr.metadata.encode_chunk_key((unit,) + (0,) * (arr.ndim - 1))
             fs.rm(f"{root}/{key}/{shard}")
         fs.rm(f"{root}/{layout.unit_key(unit)}", recursive=True)
+
+
+def repair(url: str, input_ids: set[str], storage_options: dict[str, Any] | None,
+           echo: Any) -> None:
+    """Uncommit the units whose chunks fail their checksum, so this run recomputes them.
+
+    Runs under the run's lease. Refuses when a corrupt unit holds ids the inputs no longer
+    have: uncommitting those rows would drop them from the store.
+    """
+    from actcache.schemas.errors import ConfigError, StoreNotFoundError
+    from actcache.store import _gather
+
+    try:
+        store = Store(url, storage_options)
+    except StoreNotFoundError:
+        return
+    found = scan(store)
+    if not found:
+        echo("repair: every chunk reads and matches its checksum; nothing to recompute")
+        return
+    corrupt = sorted(found)
+    rpu = int(store.manifest["rows_per_unit"])
+    receipts = {r.unit: r for r in store.receipts}
+    slots = np.concatenate([np.arange(u * rpu, u * rpu + receipts[u].rows) for u in corrupt])
+    lost = sorted({str(i) for i in _gather(store.group[layout.IDS_KEY], slots)} - input_ids)
+    if lost:
+        raise ConfigError(
+            f"units {', '.join(map(str, corrupt))} need recomputing but ids "
+            f"{', '.join(map(repr, lost[:5]))} are not in the inputs any more; "
+            "run --repair with the inputs that wrote them"
+        )
+    uncommit(store, found)
+    echo(f"repair: recomputing units {', '.join(map(str, corrupt))} "
+         "(chunks that failed their checksum)")
