@@ -34,19 +34,31 @@ def cache(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an incompatible existing store.")
     ] = False,
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Recompute the units whose chunks fail their checksum.")
+    ] = False,
 ) -> None:
     """Cache the hidden states a job asks for into its store (resumes and appends)."""
     from actcache.driver import load_job, run_job
 
-    run_job(load_job(job), overwrite=overwrite, dry_run=dry_run, echo=typer.echo)
+    run_job(load_job(job), overwrite=overwrite, dry_run=dry_run, echo=typer.echo, repair=repair)
 
 
 @app.command()
-def info(store: Annotated[str, typer.Argument(help="Store URL (path, s3://...).")]) -> None:
+def info(
+    store: Annotated[str, typer.Argument(help="Store URL (path, s3://...).")],
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Read every chunk; name each corrupt unit.")
+    ] = False,
+) -> None:
     """Show a store's manifest, rows, layers, poolings, bytes and completeness."""
     from actcache.info import describe
 
     typer.echo(describe(store))
+    if verify:
+        from actcache.verify import verify as check
+
+        typer.echo(check(store))
 
 
 def _register_optional() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from actcache.schemas import store as layout
 from actcache.schemas.errors import StoreMismatchError
@@ -19,6 +19,8 @@ from actcache.schemas.store import Manifest
 # byte-shuffled half floats compresses hidden states better than plain zstd, at a
 # write speed far above what a forward pass produces.
 CODEC = "blosc-zstd-3-shuffle"
+# Format 2: every activation chunk ends in its crc32c, checked on each read.
+CHECKSUM_CODECS: tuple[Any, ...] = (Crc32cCodec(),)
 MAX_CHUNK_ROWS = 256
 MAX_TOKEN_CHUNK = 4096
 
@@ -98,7 +100,9 @@ def create_store(group: Any, manifest: Manifest) -> None:
                 shards=(shard_rows, hidden),
                 dtype=np_dtype,
                 fill_value=0,
-                compressors=compressor(),
+                # crc32c after compression: a chunk changed at rest fails its read instead
+                # of decoding to plausible values (cost: benchmarks/bench_checksum.py).
+                compressors=(compressor(), *CHECKSUM_CODECS),
                 attributes=attrs,
                 dimension_names=("slot" if pooling != "tokens" else "token_slot", "hidden"),
             )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 import socket
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from actcache.lease import Lease
 from actcache.plan import Plan, StoredRows, empty_stored, make_plan
 from actcache.progress import Progress
 from actcache.schemas import store as layout
-from actcache.schemas.errors import ConfigError, StoreMismatchError
+from actcache.schemas.errors import ConfigError, StorageFullError, StoreMismatchError
 from actcache.schemas.job import JobConfig
 from actcache.schemas.store import Manifest, ModelInfo, RunRecord, UnitReceipt
 from actcache.workers.media import IMAGE_BACKEND
@@ -32,7 +34,7 @@ from actcache.workers.model import (
     resolve_layers,
     weights_fingerprint,
 )
-from actcache.workers.storage import open_group
+from actcache.workers.storage import check_access, open_group
 
 
 def load_job(path: str | os.PathLike[str], **overrides: Any) -> JobConfig:
@@ -42,8 +44,11 @@ def load_job(path: str | os.PathLike[str], **overrides: Any) -> JobConfig:
         raw = yaml.safe_load(file.read_text())
     except FileNotFoundError as e:
         raise ConfigError(f"job file {str(file)!r} does not exist") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"job file {str(file)!r} is not UTF-8 text (byte {e.start})") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"job file {str(file)!r} is not valid YAML: {e}") from e
+        flat = " ".join(str(e).split())  # one line: the error names line and column itself
+        raise ConfigError(f"job file {str(file)!r} is not valid YAML: {flat}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"job file {str(file)!r} must be a mapping of job fields")
     raw.update({k: v for k, v in overrides.items() if v is not None})
@@ -162,11 +167,17 @@ def _store_exists(url: str, storage_options: dict[str, Any] | None) -> tuple[boo
         # Another run's lease alone (it is creating the store) does not make the folder
         # foreign: that run's lease refuses this one with a message naming its holder.
         occupied = fs.exists(root) and any(
-            e.rstrip("/").rsplit("/", 1)[-1] != "lease" for e in fs.ls(root, detail=False)
+            not _is_lease(e) for e in fs.ls(root, detail=False)
         )
         return occupied, None
     group = open_group(url, "r", storage_options)
     return True, dict(group.attrs.get(layout.MANIFEST_ATTR) or {}) or None
+
+
+def _is_lease(entry: str) -> bool:
+    """The lease folder, or a lease being created (see actcache.lease)."""
+    name = entry.rstrip("/").rsplit("/", 1)[-1]
+    return name == "lease" or name.startswith(".lease-")
 
 
 def _clear(url: str, storage_options: dict[str, Any] | None) -> None:
@@ -177,7 +188,7 @@ def _clear(url: str, storage_options: dict[str, Any] | None) -> None:
     if not fs.exists(root):
         return
     for entry in fs.ls(root, detail=False):
-        if entry.rstrip("/").rsplit("/", 1)[-1] != "lease":
+        if not _is_lease(entry):
             fs.rm(entry, recursive=True)
 
 
@@ -266,9 +277,11 @@ def run_job(
     inline: bool = False,
     worker_cls: type | None = None,
     echo: Any = print,
+    repair: bool = False,
 ) -> RunSummary:
     """Run ``job``: cache every new or edited input row into its store, then record the run."""
     started = time.perf_counter()
+    check_access(job.store, storage_options)
     info, _config, adapter = describe_model(job)
     manifest = build_manifest(job, info, adapter.max_length, adapter.side,
                               getattr(adapter, "prefix", 0))
@@ -280,6 +293,49 @@ def run_job(
             "use a local path or s3:// for `store`"
         )
     manifest = _with_rendering(manifest, adapter, inputs.texts)
+    run_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    if dry_run:
+        _, plan = _prepare(job, manifest, inputs, overwrite, storage_options, run_id)
+        check = _check_here(worker_manifest(manifest, plan)) if plan.tasks else None
+        _print_plan(echo, job, manifest, plan, estimate_bytes(manifest, plan, adapter), check)
+        return RunSummary(job.store, run_id, 0, 0, 0, 0, time.perf_counter() - started, plan)
+    _check_store(job, manifest, overwrite, storage_options)  # refuse before touching it
+    # The store is read again and planned under the lease: a run that waited for another
+    # to finish plans against what that run wrote, never against what it saw before.
+    try:
+        with Lease(job.store, run_id, storage_options) as lease:
+            if repair:
+                from actcache.verify import repair as uncommit_corrupt
+
+                uncommit_corrupt(job.store, set(inputs.ids), storage_options, echo)
+            fresh, plan = _prepare(job, manifest, inputs, overwrite, storage_options, run_id)
+            for_workers = worker_manifest(manifest, plan)
+            pool = (_make_pool(job, for_workers, storage_options, inline, worker_cls)
+                    if plan.tasks else None)
+            try:
+                # Every worker checks itself before anything is written: a refused model
+                # leaves the store as it was.
+                if pool is not None:
+                    manifest = manifest.model_copy(update={"self_check": pool.check()})
+                return _execute(job, manifest, plan, fresh, storage_options, pool, echo,
+                                started, lease)
+            finally:
+                if pool is not None:
+                    pool.shutdown()
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise StorageFullError(
+            f"store {job.store}: no space left on its device ({e.strerror}); every unit "
+            "committed so far is kept: free space (or move the store) and run the job again "
+            "to finish it"
+        ) from e
+
+
+def _check_store(
+    job: JobConfig, manifest: Manifest, overwrite: bool, storage_options: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The existing store's manifest (None when there is none); refuses an incompatible one."""
     occupied, existing = _store_exists(job.store, storage_options)
     if occupied and not overwrite:
         if existing is None:
@@ -288,26 +344,18 @@ def run_job(
                 "or --overwrite to replace it"
             )
         check_compatible(existing, manifest)
+    return existing
+
+
+def _prepare(
+    job: JobConfig, manifest: Manifest, inputs: Any, overwrite: bool,
+    storage_options: dict[str, Any] | None, run_id: str,
+) -> tuple[bool, Plan]:
+    """(whether the store is made anew, the plan) after checking the store against the job."""
+    existing = _check_store(job, manifest, overwrite, storage_options)
     fresh = overwrite or existing is None
     stored = empty_stored() if fresh else stored_rows(job.store, storage_options)
-    run_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    plan = make_plan(inputs, stored, job.rows_per_unit, run_id)
-    for_workers = worker_manifest(manifest, plan)
-    if dry_run:
-        check = _check_here(for_workers) if plan.tasks else None
-        _print_plan(echo, job, manifest, plan, estimate_bytes(manifest, plan, adapter), check)
-        return RunSummary(job.store, run_id, 0, 0, 0, 0, time.perf_counter() - started, plan)
-    with Lease(job.store, run_id, storage_options):
-        pool = _make_pool(job, for_workers, storage_options, inline, worker_cls) if plan.tasks else None
-        try:
-            # Every worker checks itself before anything is written: a refused model leaves
-            # the store as it was.
-            if pool is not None:
-                manifest = manifest.model_copy(update={"self_check": pool.check()})
-            return _execute(job, manifest, plan, fresh, storage_options, pool, echo, started)
-        finally:
-            if pool is not None:
-                pool.shutdown()
+    return fresh, make_plan(inputs, stored, job.rows_per_unit, run_id)
 
 
 def worker_manifest(manifest: Manifest, plan: Plan) -> dict[str, Any]:
@@ -373,8 +421,8 @@ def _execute(
     pool: Any,
     echo: Any,
     started: float,
+    lease: Lease | None = None,
 ) -> RunSummary:
-
     if fresh:
         _clear(job.store, storage_options)
         create_store(open_group(job.store, "a", storage_options), manifest)
@@ -392,13 +440,24 @@ def _execute(
     )
     _record(group, record)
     receipts: list[UnitReceipt] = []
+    redone: list[int] = []
     try:
         _write_plan(group, plan)
         _apply_metadata_updates(group, plan)
         if pool is not None:
+            if hasattr(pool, "on_lost"):
+
+                def on_lost(unit: int, why: str) -> None:
+                    redone.append(unit)
+                    print(f"caching: a worker was lost ({why}); unit {unit} is redone on "
+                          "another", file=sys.stderr, flush=True)
+
+                pool.on_lost = on_lost
             progress = Progress(plan.pending_rows, len(plan.tasks))
 
             def on_receipt(receipt: UnitReceipt) -> None:
+                if lease is not None:
+                    lease.check()
                 receipts.append(receipt)
                 progress.update(receipt)
 
@@ -407,9 +466,9 @@ def _execute(
             finally:
                 progress.close()
     except BaseException as e:
-        _record(group, record.model_copy(update={
+        _record_failure(group, record.model_copy(update={
             "ended": _now(), "status": "failed", "units": len(receipts),
-            "errors": (f"{type(e).__name__}: {e}",),
+            "errors": (f"{type(e).__name__}: {e}",), "units_redone": tuple(redone),
         }))
         raise
     truncated = _finish(group, job, storage_options)
@@ -417,6 +476,7 @@ def _execute(
         "ended": _now(), "status": "succeeded", "units": len(receipts),
         "rows_added": plan.added, "rows_updated": plan.updated, "rows_skipped": plan.skipped,
         "rows_missing": plan.missing, "rows_metadata_updated": len(plan.metadata_updates),
+        "units_redone": tuple(redone),
     }))
     summary = RunSummary(
         job.store, record.run_id, sum(r.rows for r in receipts), len(receipts),
@@ -445,6 +505,14 @@ def _finish(group: Any, job: JobConfig, storage_options: dict[str, Any] | None) 
     manifest = dict(group.attrs[layout.MANIFEST_ATTR])
     group.attrs.update({layout.MANIFEST_ATTR: {**manifest, "truncated": truncated}})
     return truncated
+
+
+def _record_failure(group: Any, record: RunRecord) -> None:
+    """Record a failed run where the store still takes writes (not on a full disk)."""
+    try:
+        _record(group, record)
+    except OSError:
+        pass
 
 
 def _record(group: Any, record: RunRecord) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actcache.schemas.errors import InputDataError, InputFileNotFoundError
+from actcache.workers.storage import with_retries
 
 FORMATS = ("jsonl", "csv", "parquet")
 
@@ -52,7 +53,7 @@ def read_records(url: str, storage_options: dict[str, Any] | None = None) -> lis
 
     fmt = input_format(url)
     try:
-        with fsspec.open(url, "rb", compression="infer", **(storage_options or {})) as f:
+        with fsspec.open(url, "rb", compression="infer", **with_retries(url, storage_options)) as f:
             data = f.read()
     except FileNotFoundError as e:
         raise InputFileNotFoundError(
@@ -60,7 +61,14 @@ def read_records(url: str, storage_options: dict[str, Any] | None = None) -> lis
             "resolve against the job file's folder)"
         ) from e
     if fmt == "jsonl":
-        return _parse_jsonl(data.decode("utf-8"), url)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            raise InputDataError(
+                f"{url}: line {line} is not UTF-8 (byte {e.start}); save the file as UTF-8"
+            ) from e
+        return _parse_jsonl(text, url)
     import io
 
     import pandas as pd

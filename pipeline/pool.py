@@ -83,6 +83,8 @@ class ActorPool:
         threads = int(options.get("num_cpus", 1))
         self._args = (store_url, manifest, storage_options, threads)
         self.actors = [self._new() for _ in range(count)]
+        self.on_lost: Callable[[int, str], None] | None = None
+        """Called with (unit, why) for each unit whose actor died (a lost worker or node)."""
 
     def _new(self) -> Any:
         return self._cls.remote(*self._args)
@@ -135,24 +137,31 @@ class ActorPool:
                         f"unit {task.unit} failed {MAX_ATTEMPTS} times: its actor died ({e})"
                     ) from e
                 queue.append(task)
-                self._replace(slot, in_flight)
+                redone = [task.unit] + self._replace(slot, in_flight)
+                if self.on_lost is not None:
+                    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    for unit in redone:
+                        self.on_lost(unit, why)
             else:
                 on_receipt(receipt)
             if queue and sum(1 for s, _ in in_flight.values() if s == slot) < IN_FLIGHT_PER_ACTOR:
                 submit(slot)
 
-    def _replace(self, slot: int, in_flight: dict[Any, tuple[int, UnitTask]]) -> None:
-        """Start a new actor for ``slot``; its other in-flight unit is lost with the old one."""
+    def _replace(self, slot: int, in_flight: dict[Any, tuple[int, UnitTask]]) -> list[int]:
+        """Start a new actor for ``slot``; returns its other in-flight units, resubmitted."""
         import ray
 
         old = self.actors[slot]
         self.actors[slot] = self._new()
+        resubmitted = []
         for ref, (s, task) in list(in_flight.items()):
             if s == slot:
                 # The old actor is dead, so this call fails too; resubmit it on the new actor.
                 in_flight.pop(ref)
                 in_flight[self.actors[slot].process.remote(task.model_dump())] = (slot, task)
+                resubmitted.append(task.unit)
         ray.kill(old, no_restart=True)
+        return resubmitted
 
     def shutdown(self) -> None:
         import ray

@@ -16,9 +16,10 @@ from actcache.schemas.errors import (
     IdNotFoundError,
     LayerNotFoundError,
     PoolingNotFoundError,
+    StoreCorruptError,
     StoreNotFoundError,
 )
-from actcache.workers.storage import open_group
+from actcache.workers.storage import check_access, open_group
 
 RowsLike = Sequence[int] | np.ndarray | None
 
@@ -73,12 +74,31 @@ def _gather(arr: Any, slots: np.ndarray) -> np.ndarray:
     return values[inverse.reshape(-1)]
 
 
+def corrupt_message(url: str, corrupt: dict[int, list[str]]) -> str:
+    """One line naming each corrupt unit (and its arrays) and the fix."""
+    units = "; ".join(f"unit {u} ({', '.join(keys)})" for u, keys in sorted(corrupt.items()))
+    return (
+        f"store {url} has chunks that fail their checksum in {units}; rerun its job with "
+        "`actcache cache JOB.yaml --repair` to recompute those units"
+    )
+
+
+def readable(arr: Any, slots: np.ndarray) -> bool:
+    """Whether the chunks holding ``slots`` decode (checksums match)."""
+    try:
+        _gather(arr, slots)
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
 class Store:
     """An actcache store, complete or not. Reads see only complete units."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         self.url = url
         self.storage_options = storage_options
+        check_access(url, storage_options)
         try:
             self.group = open_group(url, "r", storage_options)
             manifest = self.group.attrs.get(layout.MANIFEST_ATTR)
@@ -185,6 +205,19 @@ class Store:
             self._arrays[key] = self.group[key]
         return self._arrays[key]
 
+    def _checked(self, key: str, slots: np.ndarray, per_unit: int) -> np.ndarray:
+        """``_gather``, where a chunk failing its checksum is an error naming its unit."""
+        arr = self._array(key)
+        try:
+            return _gather(arr, slots)
+        except (ValueError, RuntimeError) as e:
+            # zarr does not say which chunk failed: find the units by reading each alone.
+            units = np.unique(slots // per_unit)
+            bad = [int(u) for u in units if not readable(arr, slots[slots // per_unit == u])]
+            if not bad:
+                raise
+            raise StoreCorruptError(corrupt_message(self.url, {u: [key] for u in bad})) from e
+
     def _physical(self, rows: RowsLike) -> np.ndarray:
         if rows is None:
             return self._slots
@@ -197,10 +230,11 @@ class Store:
         """float32 activations of ``layer``: (rows, hidden), or (Σ tokens, hidden) for tokens."""
         index = self.resolve_layer(layer)
         name = self.resolve_pooling(pooling)
-        arr = self._array(layout.activation_key(name, index))
         slots = self._physical(rows)
+        key = layout.activation_key(name, index)
+        rpu = int(self.manifest["rows_per_unit"])
         if name != "tokens":
-            return decode(_gather(arr, slots), self.dtype)
+            return decode(self._checked(key, slots, rpu), self.dtype)
         offsets = _gather(self._array(layout.TOKEN_OFFSET_KEY), slots)
         lengths = _gather(self._array(layout.TOKEN_LENGTH_KEY), slots)
         if len(slots) == 0:
@@ -208,7 +242,8 @@ class Store:
         token_slots = np.concatenate(
             [np.arange(o, o + n, dtype=np.int64) for o, n in zip(offsets, lengths, strict=True)]
         )
-        return decode(_gather(arr, token_slots), self.dtype)
+        per_unit = layout.token_slots_per_unit(rpu, int(self.manifest["max_length"]))
+        return decode(self._checked(key, token_slots, per_unit), self.dtype)
 
     def read_block(self, layer: int, pooling: str | None, start: int, stop: int) -> np.ndarray:
         """Contiguous store rows [start, stop)."""

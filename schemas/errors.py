@@ -77,6 +77,18 @@ class StoreIncompleteError(UserError, ValueError):
     """The store has units that are not complete, and the operation needs all of them."""
 
 
+class StorageAccessError(UserError, OSError):
+    """The object store refuses for good: no such bucket, access denied."""
+
+
+class StorageFullError(UserError, OSError):
+    """The store's filesystem or bucket has no space left: committed units stay readable."""
+
+
+class StoreCorruptError(UserError, OSError):
+    """A stored chunk fails its checksum: the message names the units to repair."""
+
+
 class OverflowStorageError(UserError, OverflowError):
     """A value does not fit the storage dtype (float16 beyond ±65504)."""
 

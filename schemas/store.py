@@ -12,8 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 FORMAT_VERSION = 2
-"""Bumped with any change of layout (2: manifest keys ``side``, ``self_check``,
-``rendered_example``; image and audio stores; see docs/STORE.md)."""
+"""Bumped with any change of layout (2: crc32c checksums on activation chunks; manifest keys
+``side``, ``self_check``, ``rendered_example``; image and audio stores; see docs/STORE.md)."""
 
 MANIFEST_ATTR = "actcache"
 """Root-group attribute that holds the manifest."""
@@ -107,6 +107,8 @@ class Manifest(Frozen):
     """Rows per inner chunk (the unit of reading)."""
     codec: str
     """Compression codec of activation arrays."""
+    checksum: str | None = "crc32c"
+    """Checksum of every activation chunk (format 2); absent in format 1 stores."""
     n_units: int = 0
     """Units planned so far (complete or not)."""
     truncated: int = 0
@@ -182,6 +184,8 @@ class RunRecord(Frozen):
     """Units computed by this run."""
     errors: tuple[str, ...] = Field(default_factory=tuple)
     """Error lines, when the run failed."""
+    units_redone: tuple[int, ...] = Field(default_factory=tuple)
+    """Units whose worker was lost (actor or node died) and that were redone on another."""
     actcache_version: str = ""
     """Version of actcache that ran."""
     host: str = ""
