@@ -1,7 +1,7 @@
 """The caching worker: loads its model once, then computes and writes one unit per call.
 
-The driver wraps this class with ``ray.remote`` (one actor per GPU, or per CPU slot
-group). On a GPU it runs with ``max_concurrency=2``: while one call writes its unit's
+The driver wraps this class with ``ray.remote`` (one actor per ``gpus_per_worker``
+GPUs, or per CPU slot group). On a GPU it runs with ``max_concurrency=2``: while one call writes its unit's
 shards, the next call's forward passes already run (a lock keeps forward passes one at
 a time).
 Inside a call on a GPU, a writer thread behind a bounded queue copies each batch to the
@@ -23,36 +23,18 @@ import torch
 from actcache.schemas.store import UnitReceipt, UnitTask
 from actcache.workers.adapters import TextAdapter
 from actcache.workers.capture import Capture
-from actcache.workers.model import first_line, load_config, num_layers, resolve_model_path
+from actcache.workers.model import (
+    depth_needed,
+    input_device,
+    load_config,
+    load_model,
+    num_layers,
+)
+from actcache.workers.placement import actor_gpus, offloaded
 from actcache.workers.storage import open_group
 from actcache.workers.writer import UnitWriter
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _QUEUE_DEPTH = 4
-
-
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def load_model(name: str, job: dict[str, Any], device: torch.device) -> Any:
-    from transformers import AutoModel
-
-    from actcache.schemas.errors import ModelLoadError
-
-    try:
-        model = AutoModel.from_pretrained(
-            resolve_model_path(name),
-            revision=job.get("revision"),
-            trust_remote_code=bool(job.get("trust_remote_code")),
-            dtype=_DTYPES[job.get("model_dtype", "float32")],
-            local_files_only=True,
-        )
-    except Exception as e:
-        raise ModelLoadError(f"cannot load model {name!r}: {first_line(e)}") from e
-    return model.to(device).eval()
 
 
 class CachingWorker:
@@ -69,7 +51,6 @@ class CachingWorker:
             torch.set_num_threads(threads)
         self.manifest = manifest
         job = manifest["job"]
-        self.device = pick_device()
         name = job["model"]
         config = load_config(name, job.get("revision"), bool(job.get("trust_remote_code")))
         self.adapter = TextAdapter(
@@ -80,10 +61,12 @@ class CachingWorker:
             truncation_side=manifest["truncation_side"],
             model_config=config,
         )
-        self.model = load_model(name, job, self.device)
-        self.capture = Capture(
-            self.model, manifest["layers"], num_layers(config), manifest["poolings"]
+        n_layers = num_layers(config)
+        self.model = load_model(
+            name, job, depth_needed(manifest["layers"], n_layers), actor_gpus(job.get("gpus_per_worker"))
         )
+        self.device = input_device(self.model)
+        self.capture = Capture(self.model, manifest["layers"], n_layers, manifest["poolings"])
         self.batch_size = int(job["batch_size"])
         self.group = open_group(store_url, "r+", storage_options)
         self._forward_lock = threading.Lock()
@@ -101,6 +84,7 @@ class CachingWorker:
             "node": ctx.get_node_id(),
             "gpus": [str(g) for g in ray.get_gpu_ids()],
             "device": str(self.device),
+            "offloaded": offloaded(self.model),
         }
 
     def process(self, task: UnitTask | dict[str, Any]) -> dict[str, Any]:

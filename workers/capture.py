@@ -16,8 +16,9 @@ Pooled = dict[tuple[str, int], torch.Tensor]
 class Capture:
     """Runs ``model`` on a batch and returns float32 pooled states per (pooling, layer).
 
-    When the deepest requested layer ``k`` is below the model's last, the block list is cut
-    to ``k`` blocks, so a sweep over early layers does not pay for the rest of the model.
+    ``n_layers`` is the full model's block count. When the deepest requested layer ``k``
+    is below it, the block list is cut to ``k`` blocks (if the model was not already built
+    with ``k`` blocks), so a sweep over early layers does not pay for the rest of the model.
     Layer ``k`` is then read from a hook on block ``k-1``: the model's own last hidden
     state would carry its final norm, which index ``k < L`` must not.
     """
@@ -31,9 +32,10 @@ class Capture:
         self._takes_positions = "position_ids" in inspect.signature(model.forward).parameters
         self._truncated = False
         deepest = max(self.layers)
-        blocks = block_list(model, n_layers)
+        keep = max(deepest, 1)
+        # A model built with ``keep`` blocks (cut at load) already has the length wanted.
+        blocks = block_list(model, n_layers) or block_list(model, keep)
         if deepest < n_layers and blocks is not None:
-            keep = max(deepest, 1)
             del blocks[keep:]
             self._truncated = True
             if deepest >= 1:

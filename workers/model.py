@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 
 
 PACKAGE_SCHEME = "pkg://"
+_LAYER_ATTRS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
 def resolve_model_path(name: str) -> str:
@@ -80,7 +82,46 @@ def _config_int(config: Any, attrs: tuple[str, ...], what: str) -> int:
 
 def num_layers(config: Any) -> int:
     """Blocks in the model (hidden-state indices run 0..this)."""
-    return _config_int(config, ("num_hidden_layers", "n_layer", "num_layers"), "the layer count")
+    return _config_int(config, _LAYER_ATTRS, "the layer count")
+
+
+def _layer_owner(config: Any) -> Any:
+    """The config (itself or its ``text_config``) that holds the layer count."""
+    for attr in _LAYER_ATTRS:
+        if isinstance(getattr(config, attr, None), int):
+            return config
+    text_config = getattr(config, "text_config", None)
+    return _layer_owner(text_config) if text_config is not None else config
+
+
+#: Lists as long as the layer count that are not per layer.
+_NOT_PER_LAYER = frozenset({"architectures"})
+
+
+def depth_needed(layers: Sequence[int], n_layers: int) -> int:
+    """Blocks to build for hidden-state indices ``layers``: up to the deepest, at least one."""
+    return min(n_layers, max(max(layers), 1))
+
+
+def cut_config(config: Any, depth: int) -> Any:
+    """A copy of ``config`` describing the model's first ``depth`` blocks only.
+
+    The layer count and every per-layer list (``layer_types``, ``attention_layers`` ...)
+    are cut, so the model built from it has no weights past block ``depth``.
+    """
+    n_layers = num_layers(config)
+    if depth >= n_layers:
+        return config
+    config = copy.deepcopy(config)
+    owner = _layer_owner(config)
+    for key, value in list(vars(owner).items()):
+        if isinstance(value, list | tuple) and len(value) == n_layers and key not in _NOT_PER_LAYER:
+            setattr(owner, key, type(value)(value[:depth]))
+    for attr in _LAYER_ATTRS:
+        if isinstance(getattr(owner, attr, None), int):
+            setattr(owner, attr, depth)
+            break
+    return config
 
 
 def hidden_size(config: Any) -> int:
@@ -148,3 +189,51 @@ def block_list(model: Any, n_layers: int) -> Any | None:
         if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
             return module
     return None
+
+
+def load_model(
+    name: str, job: dict[str, Any], depth: int | None = None, gpus: Sequence[int] = ()
+) -> Any:
+    """The model in eval mode, built with its first ``depth`` blocks only (all when None).
+
+    Weights past block ``depth`` are neither read nor held. Without ``gpus`` it lives on
+    the CPU; with them it is placed by ``device_map`` over those GPUs (see placement.py).
+    """
+    import torch
+    from transformers import AutoModel
+
+    from actcache.workers.placement import check_placement, max_memory
+
+    revision, trust = job.get("revision"), bool(job.get("trust_remote_code"))
+    config = load_config(name, revision, trust)
+    if depth is not None:
+        config = cut_config(config, depth)
+    dtype = job.get("model_dtype") or "float32"
+    kwargs: dict[str, Any] = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
+    offload = bool(job.get("offload"))
+    if gpus:
+        kwargs.update(device_map="auto", max_memory=max_memory(list(gpus), offload))
+        if offload:
+            import tempfile
+
+            kwargs["offload_folder"] = tempfile.mkdtemp(prefix="actcache-offload-")
+    if job.get("quantize"):
+        from transformers import BitsAndBytesConfig
+
+        bits = {"load_in_8bit": True} if job["quantize"] == "8bit" else {"load_in_4bit": True}
+        kwargs["quantization_config"] = BitsAndBytesConfig(**bits)
+    try:
+        model = AutoModel.from_pretrained(
+            resolve_model_path(name), config=config, revision=revision,
+            trust_remote_code=trust, local_files_only=True, **kwargs,
+        )
+    except Exception as e:
+        raise ModelLoadError(f"cannot load model {name!r}: {first_line(e)}") from e
+    if gpus:
+        check_placement(model, name, list(gpus), offload)
+    return model.eval()
+
+
+def input_device(model: Any) -> Any:
+    """Where inputs go: the device of the input embedding (the first GPU of a split model)."""
+    return model.get_input_embeddings().weight.device
