@@ -22,13 +22,16 @@ from actcache.plan import Plan, StoredRows, empty_stored, make_plan
 from actcache.progress import Progress
 from actcache.schemas import store as layout
 from actcache.schemas.errors import ConfigError, StoreMismatchError
-from actcache.schemas.job import JobConfig
+from actcache.schemas.job import JobConfig, ModelDtype
 from actcache.schemas.store import Manifest, ModelInfo, RunRecord, UnitReceipt
 from actcache.workers.model import (
+    depth_needed,
     hidden_size,
     load_config,
+    model_folder,
     num_layers,
     resolve_layers,
+    resolve_model_dtype,
     weights_fingerprint,
 )
 from actcache.workers.storage import open_group
@@ -115,13 +118,18 @@ def describe_model(job: JobConfig) -> tuple[ModelInfo, Any, Any]:
 
 def build_manifest(job: JobConfig, info: ModelInfo, max_length: int) -> Manifest:
     layers = resolve_layers(job.layers, info.num_hidden_layers)
+    # `model_dtype: auto` is recorded as the dtype it resolved to: a store is compared,
+    # and its values made, by the dtype that actually ran.
+    model_dtype = resolve_model_dtype(job.model, job.revision, job.trust_remote_code,
+                                      job.model_dtype.value)
+    job = job.model_copy(update={"model_dtype": ModelDtype(model_dtype)})
     return Manifest(
         actcache_version=__version__,
         model=info,
         layers=layers,
         poolings=tuple(p.value for p in job.pooling),
         dtype=job.dtype.value,
-        model_dtype=job.model_dtype.value,
+        model_dtype=model_dtype,
         max_length=max_length,
         truncation_side=job.truncation_side,
         text_column=job.text_column,
@@ -276,8 +284,47 @@ def run_job(
     if dry_run:
         _print_plan(echo, job, manifest, plan, estimate_bytes(manifest, plan, adapter))
         return RunSummary(job.store, run_id, 0, 0, 0, 0, time.perf_counter() - started, plan)
+    workers = plan_workers(job, manifest, inline) if plan.tasks else None
     with Lease(job.store, run_id, storage_options):
-        return _execute(job, manifest, plan, fresh, storage_options, inline, worker_cls, echo, started)
+        return _execute(job, manifest, plan, fresh, storage_options, workers, worker_cls, echo,
+                        started)
+
+
+def plan_workers(job: JobConfig, manifest: Manifest, inline: bool) -> tuple[int, dict[str, Any]] | None:
+    """Check the job against the GPUs before anything is written: (actors, Ray options).
+
+    None for an in-process run. The weights to load are estimated from the checkpoint's
+    headers (only the blocks the deepest layer needs), against one GPU's memory.
+    """
+    from actcache.pool import (
+        check_fits,
+        check_quantize,
+        cluster_gpu_memory,
+        gpu_memory_bytes,
+        worker_options,
+    )
+    from actcache.workers.placement import weight_bytes
+
+    if inline:
+        import torch
+
+        resources = {"CPU": 1.0, "GPU": float(torch.cuda.device_count())}
+    else:
+        import ray
+
+        connect_ray()
+        resources = ray.cluster_resources()
+    count, options = worker_options(
+        1 if inline else job.workers, job.cpus_per_worker, job.gpus_per_worker, resources
+    )
+    check_quantize(job, int(resources.get("GPU", 0)))
+    if "num_gpus" in options:
+        n_layers = manifest.model.num_hidden_layers
+        depth = depth_needed(manifest.layers, n_layers)
+        folder = model_folder(job.model, job.revision)
+        weights = weight_bytes(folder, depth, n_layers, manifest.model_dtype, job.quantize)
+        check_fits(job, weights, depth, gpu_memory_bytes() if inline else cluster_gpu_memory())
+    return None if inline else (count, options)
 
 
 def _print_plan(echo: Any, job: JobConfig, manifest: Manifest, plan: Plan, nbytes: int) -> None:
@@ -299,12 +346,12 @@ def _execute(
     plan: Plan,
     fresh: bool,
     storage_options: dict[str, Any] | None,
-    inline: bool,
+    workers: tuple[int, dict[str, Any]] | None,
     worker_cls: type | None,
     echo: Any,
     started: float,
 ) -> RunSummary:
-    from actcache.pool import ActorPool, InlinePool, worker_options
+    from actcache.pool import ActorPool, InlinePool
     from actcache.workers.actor import CachingWorker
 
     if fresh:
@@ -325,17 +372,13 @@ def _execute(
         _apply_metadata_updates(group, plan)
         if plan.tasks:
             cls = worker_cls or CachingWorker
-            if inline:
+            if workers is None:
                 pool: Any = InlinePool(job.store, current, storage_options, cls)
             else:
-                import ray
-
-                connect_ray()
-                count, options = worker_options(
-                    job.workers, job.cpus_per_worker, ray.cluster_resources()
-                )
-                pool = ActorPool(job.store, current, storage_options, count, options, cls)
-            progress = Progress(plan.pending_rows, len(plan.tasks))
+                pool = ActorPool(job.store, current, storage_options, *workers, cls)
+            off = pool.offloaded() if job.offload else 0
+            note = f"{off} modules offloaded to CPU/disk (slow)" if off else ""
+            progress = Progress(plan.pending_rows, len(plan.tasks), note)
 
             def on_receipt(receipt: UnitReceipt) -> None:
                 receipts.append(receipt)

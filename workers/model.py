@@ -169,6 +169,21 @@ def weights_fingerprint(name: str, revision: str | None = None) -> tuple[str, st
     return digest.hexdigest(), commit
 
 
+def model_folder(name: str, revision: str | None = None) -> str:
+    """The local folder holding the model's files."""
+    return _model_folder(resolve_model_path(name), revision)[0]
+
+
+def resolve_model_dtype(name: str, revision: str | None, trust_remote_code: bool, dtype: str) -> str:
+    """``dtype``, or for ``auto`` the checkpoint's own (float32 when it cannot be told)."""
+    if dtype != "auto":
+        return dtype
+    from actcache.workers.placement import checkpoint_dtype
+
+    config = load_config(name, revision, trust_remote_code)
+    return checkpoint_dtype(config, model_folder(name, revision))
+
+
 def _model_folder(name: str, revision: str | None) -> tuple[str, str | None]:
     if os.path.isdir(name):
         return name, None
@@ -222,6 +237,12 @@ def load_model(
 
         bits = {"load_in_8bit": True} if job["quantize"] == "8bit" else {"load_in_4bit": True}
         kwargs["quantization_config"] = BitsAndBytesConfig(**bits)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    if depth is not None:
+        # The checkpoint's blocks past ``depth`` are reported as unexpected keys: by design.
+        hf_logging.set_verbosity_error()
     try:
         model = AutoModel.from_pretrained(
             resolve_model_path(name), config=config, revision=revision,
@@ -229,6 +250,8 @@ def load_model(
         )
     except Exception as e:
         raise ModelLoadError(f"cannot load model {name!r}: {first_line(e)}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if gpus:
         check_placement(model, name, list(gpus), offload)
     return model.eval()
