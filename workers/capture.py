@@ -64,7 +64,8 @@ class Capture:
         mask = batch["attention_mask"].bool()
         states = self.hidden_states(batch)
         return {
-            (pooling, layer): pool(states[layer].float(), mask, pooling)
+            # A model split across GPUs leaves each layer's states on its block's device.
+            (pooling, layer): pool(states[layer].float(), mask.to(states[layer].device), pooling)
             for layer in self.layers
             for pooling in self.poolings
         }

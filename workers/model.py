@@ -217,26 +217,14 @@ def load_model(
     import torch
     from transformers import AutoModel
 
-    from actcache.workers.placement import check_placement, max_memory
+    from actcache.workers import placement
 
     revision, trust = job.get("revision"), bool(job.get("trust_remote_code"))
     config = load_config(name, revision, trust)
     if depth is not None:
         config = cut_config(config, depth)
-    dtype = job.get("model_dtype") or "float32"
-    kwargs: dict[str, Any] = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
-    offload = bool(job.get("offload"))
-    if gpus:
-        kwargs.update(device_map="auto", max_memory=max_memory(list(gpus), offload))
-        if offload:
-            import tempfile
-
-            kwargs["offload_folder"] = tempfile.mkdtemp(prefix="actcache-offload-")
-    if job.get("quantize"):
-        from transformers import BitsAndBytesConfig
-
-        bits = {"load_in_8bit": True} if job["quantize"] == "8bit" else {"load_in_4bit": True}
-        kwargs["quantization_config"] = BitsAndBytesConfig(**bits)
+    dtype = getattr(torch, resolve_model_dtype(name, revision, trust, job.get("model_dtype", "auto")))
+    kwargs = placement.load_kwargs(name, config, dtype, job, list(gpus))
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -253,7 +241,7 @@ def load_model(
     finally:
         hf_logging.set_verbosity(verbosity)
     if gpus:
-        check_placement(model, name, list(gpus), offload)
+        placement.check_placement(model.hf_device_map, name, list(gpus), bool(job.get("offload")))
     return model.eval()
 
 

@@ -59,19 +59,74 @@ def max_memory(gpus: list[int], offload: bool) -> dict[Any, int]:
     return limits
 
 
+def plan_device_map(config: Any, dtype: Any, limits: dict[Any, int], trust_remote_code: bool = False
+                    ) -> dict[str, Any]:
+    """Module name -> device within ``limits``, balanced over the GPUs; no weight is read.
+
+    Worked out on an empty (meta) model, so a model that would spill to the CPU or disk
+    is known before loading starts.
+    """
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from accelerate.utils import get_balanced_memory
+    from transformers import AutoModel
+
+    with init_empty_weights():
+        empty = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+    no_split = getattr(empty, "_no_split_modules", None) or []
+    if sum(1 for device in limits if device != "cpu") > 1:
+        limits = get_balanced_memory(empty, max_memory=limits, no_split_module_classes=no_split,
+                                     dtype=dtype)
+    return dict(infer_auto_device_map(empty, max_memory=limits, no_split_module_classes=no_split,
+                                      dtype=dtype))
+
+
+def load_kwargs(name: str, config: Any, dtype: Any, job: dict[str, Any], gpus: list[int]
+                ) -> dict[str, Any]:
+    """``from_pretrained`` arguments placing the model: dtype, device map, quantisation.
+
+    Without ``gpus`` the model stays on the CPU. With them the device map is worked out
+    first, so a model that does not fit is refused before a weight is read (unless the job
+    allows offload, which then goes to the CPU, and past it to a temporary folder).
+    """
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    offload, quantize = bool(job.get("offload")), job.get("quantize")
+    if gpus:
+        limits = max_memory(gpus, offload)
+        # Quantised sizes are the quantiser's to work out: it places, and is checked after.
+        device_map: Any = "auto"
+        if not quantize:
+            device_map = plan_device_map(config, dtype, limits, bool(job.get("trust_remote_code")))
+            check_placement(device_map, name, gpus, offload)
+        kwargs.update(device_map=device_map, max_memory=limits)
+        if offload:
+            import tempfile
+
+            kwargs["offload_folder"] = tempfile.mkdtemp(prefix="actcache-offload-")
+    if quantize:
+        from transformers import BitsAndBytesConfig
+
+        bits = {"load_in_8bit": True} if quantize == "8bit" else {"load_in_4bit": True}
+        kwargs["quantization_config"] = BitsAndBytesConfig(**bits)
+    return kwargs
+
+
+def off_gpu(device_map: dict[str, Any]) -> list[str]:
+    """Modules a device map puts on the CPU or disk."""
+    return [name for name, device in device_map.items() if device in ("cpu", "disk")]
+
+
 def offloaded(model: Any) -> list[str]:
-    """Modules that ``device_map`` left on the CPU or disk."""
-    placed = getattr(model, "hf_device_map", None) or {}
-    return [name for name, device in placed.items() if device in ("cpu", "disk")]
+    """Modules that the loaded model keeps on the CPU or disk."""
+    return off_gpu(getattr(model, "hf_device_map", None) or {})
 
 
-def check_placement(model: Any, name: str, gpus: list[int], offload: bool) -> None:
-    off = offloaded(model)
+def check_placement(device_map: dict[str, Any], name: str, gpus: list[int], offload: bool) -> None:
+    off = off_gpu(device_map)
     if off and not offload:
         raise ModelTooLargeError(
             f"model {name!r} does not fit the actor's {len(gpus)} GPU(s) ({len(off)} modules "
-            "would be offloaded to the CPU); raise `gpus_per_worker`, cache fewer layers, "
-            "quantise, or set `offload: true` (slow)"
+            "would be offloaded to the CPU or disk); raise `gpus_per_worker`, cache fewer layers, "
+            "set `quantize`, or set `offload: true` (slow)"
         )
 
 
