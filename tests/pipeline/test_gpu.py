@@ -20,6 +20,7 @@ pytestmark = pytest.mark.gpu
 
 
 def cache(tmp_path, model, **extra):
+    tmp_path.mkdir(exist_ok=True)
     inputs = tmp_path / "in.jsonl"
     inputs.write_text("".join(json.dumps({"text": t}) + "\n" for t in SENTENCES))
     store = str(tmp_path / "s.zarr")
@@ -67,3 +68,17 @@ def test_a_model_split_across_the_actors_gpus_matches_cpu_reference(tmp_path, ti
     store = cache(tmp_path, tiny_gpt2_right, model_dtype="float32", gpus_per_worker=k,
                   layers=[0, 1, 3])
     assert_matches_reference(store, tiny_gpt2_right, [0, 1, 3], 2e-3)
+
+
+def test_offload_only_when_asked_and_then_said(tmp_path, tiny_gpt2_right, monkeypatch, capsys):
+    from actcache.schemas.errors import ModelTooLargeError
+    from actcache.workers import placement
+
+    # One GPU with room for almost nothing: the model fits only with the CPU's help.
+    monkeypatch.setattr(placement, "max_memory", lambda g, offload: {
+        **dict.fromkeys(g, 64 << 10), **({"cpu": 1 << 30} if offload else {})})
+    with pytest.raises(ModelTooLargeError, match="does not fit the actor's 1 GPU"):
+        cache(tmp_path / "refused", tiny_gpt2_right, model_dtype="float32")
+    store = cache(tmp_path / "asked", tiny_gpt2_right, model_dtype="float32", offload=True)
+    assert "modules offloaded to CPU/disk (slow)" in capsys.readouterr().err
+    assert_matches_reference(store, tiny_gpt2_right, range(4), 2e-3)
