@@ -1,9 +1,10 @@
 """The caching worker: loads its model once, then computes and writes one unit per call.
 
 The driver wraps this class with ``ray.remote`` (one actor per ``gpus_per_worker``
-GPUs, or per CPU slot group). On a GPU it runs with ``max_concurrency=2``: while one call writes its unit's
-shards, the next call's forward passes already run (a lock keeps forward passes one at
-a time).
+GPUs, or per CPU slot group). On a GPU it runs with ``max_concurrency=2``: while one
+call writes its unit's shards, the next call's forward passes already run (a lock keeps
+forward passes one at a time). Its model is built only as deep as the deepest requested
+layer and placed over the actor's GPUs (workers/model.py, workers/placement.py).
 Inside a call on a GPU, a writer thread behind a bounded queue copies each batch to the
 host, casts and scatters it while the next batch runs forward; on a CPU that copy does
 not exist and the batch is written inline.
