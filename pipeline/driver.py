@@ -284,8 +284,10 @@ def run_job(
     if dry_run:
         _print_plan(echo, job, manifest, plan, estimate_bytes(manifest, plan, adapter))
         return RunSummary(job.store, run_id, 0, 0, 0, 0, time.perf_counter() - started, plan)
-    workers = plan_workers(job, manifest, inline) if plan.tasks else None
     with Lease(job.store, run_id, storage_options):
+        # Under the lease (a store being written elsewhere is refused first), before a byte
+        # of the store is written.
+        workers = plan_workers(job, manifest, inline) if plan.tasks else None
         return _execute(job, manifest, plan, fresh, storage_options, workers, worker_cls, echo,
                         started)
 
