@@ -135,8 +135,13 @@ class ActorPool:
     def offloaded(self) -> int:
         """Modules the actors' models keep off their GPUs (offload was asked for)."""
         import ray
+        from ray.exceptions import RayTaskError
 
-        return sum(len(p["offloaded"]) for p in ray.get([a.ping.remote() for a in self.actors]))
+        try:
+            placed = ray.get([a.ping.remote() for a in self.actors])
+        except RayTaskError as e:  # the actor's own error (its model could not be placed)
+            raise (e.cause if isinstance(e.cause, BaseException) else e) from None
+        return sum(len(p["offloaded"]) for p in placed)
 
     def run(self, tasks: list[UnitTask], on_receipt: Callable[[UnitReceipt], None]) -> None:
         import ray

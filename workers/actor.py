@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from actcache.schemas.errors import UserError
 from actcache.schemas.store import UnitReceipt, UnitTask
 from actcache.workers.adapters import TextAdapter
 from actcache.workers.capture import Capture
@@ -63,9 +64,15 @@ class CachingWorker:
             model_config=config,
         )
         n_layers = num_layers(config)
-        self.model = load_model(
-            name, job, depth_needed(manifest["layers"], n_layers), actor_gpus(job.get("gpus_per_worker"))
-        )
+        self.load_error: UserError | None = None
+        try:
+            self.model = load_model(name, job, depth_needed(manifest["layers"], n_layers),
+                                    actor_gpus(job.get("gpus_per_worker")))
+        except UserError as e:
+            # Raised here, Ray would only say the actor died (and start another); kept and
+            # raised by each call, it reaches the user as itself: one line, exit 2.
+            self.load_error = e
+            return
         self.device = input_device(self.model)
         self.capture = Capture(self.model, manifest["layers"], n_layers, manifest["poolings"])
         self.batch_size = int(job["batch_size"])
@@ -79,6 +86,8 @@ class CachingWorker:
         """Where this actor runs: for scheduling checks and logs."""
         import ray
 
+        if self.load_error is not None:
+            raise self.load_error
         ctx = ray.get_runtime_context()
         return {
             "pid": os.getpid(),
@@ -89,6 +98,8 @@ class CachingWorker:
         }
 
     def process(self, task: UnitTask | dict[str, Any]) -> dict[str, Any]:
+        if self.load_error is not None:
+            raise self.load_error
         if isinstance(task, dict):
             task = UnitTask.model_validate(task)
         started = time.perf_counter()

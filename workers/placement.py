@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from actcache.schemas.errors import ModelTooLargeError
+from actcache.schemas.errors import ModelLoadError, ModelTooLargeError
 
 #: Left free on each GPU for activations, the CUDA context and the allocator's slack:
 #: this fraction of the GPU's memory, and at least HEADROOM_MIN_BYTES.
@@ -168,12 +168,15 @@ def weight_bytes(folder: str, depth: int, n_layers: int, dtype: str, quantize: s
 
         count = 0
         for path in files:
-            with safe_open(str(path), "pt") as f:
-                for key in f.keys():
-                    block = _BLOCK_INDEX.search(key)
-                    if block and int(block.group(1)) >= depth:
-                        continue
-                    count += math.prod(f.get_slice(key).get_shape())
+            try:
+                with safe_open(str(path), "pt") as f:
+                    for key in f.keys():
+                        block = _BLOCK_INDEX.search(key)
+                        if not block or int(block.group(1)) < depth:
+                            count += math.prod(f.get_slice(key).get_shape())
+            except Exception as e:  # safetensors raises its own error types
+                raise ModelLoadError(f"cannot read the weights {path.name} of {folder!r}: {e}; "
+                                     "fix or replace the checkpoint") from e
         return int(count * per_weight)
     size = sum(p.stat().st_size for p in files)
     # A .bin checkpoint's own dtype is unknown without loading it: take the model's.

@@ -153,3 +153,26 @@ def test_gpu_options_without_cuda_are_refused(existing, change, message):  # noq
         run_job(parse_job({**raw, **change, "store": str(folder / "new.zarr")}), inline=True,
                 echo=lambda *_: None)
     assert not [p for p in (folder / "new.zarr").rglob("*") if p.is_file()]  # nothing written
+
+
+def test_a_model_an_actor_cannot_load_is_one_line(ray_4_gpus, tmp_path, tiny_bert, capsys):
+    """Weights whose shapes disagree with the config pass every check before the actors;
+    the actor's own error then reaches the user as itself, not as "the actor died"."""
+    import json
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert, model)
+    config = BertConfig.from_pretrained(model)
+    config.intermediate_size = 96
+    BertModel(config).save_pretrained(tmp_path / "other")
+    shutil.copy(tmp_path / "other" / "model.safetensors", model / "model.safetensors")
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": "a"}) + "\n")
+    raw = {"model": str(model), "inputs": str(tmp_path / "in.jsonl"),
+           "store": str(tmp_path / "s.zarr"), "layers": [1]}
+    capsys.readouterr()  # saving printed a progress bar
+    code, err = run_cli(tmp_path, raw, capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: cannot load model {str(model)!r}: "), err
