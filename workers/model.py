@@ -216,6 +216,7 @@ def load_model(
     """
     import torch
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
     from actcache.workers import placement
 
@@ -225,8 +226,6 @@ def load_model(
         config = cut_config(config, depth)
     dtype = getattr(torch, resolve_model_dtype(name, revision, trust, job.get("model_dtype", "auto")))
     kwargs = placement.load_kwargs(name, config, dtype, job, list(gpus))
-    from transformers.utils import logging as hf_logging
-
     verbosity = hf_logging.get_verbosity()
     if depth is not None:
         # The checkpoint's blocks past ``depth`` are reported as unexpected keys: by design.
@@ -246,5 +245,13 @@ def load_model(
 
 
 def input_device(model: Any) -> Any:
-    """Where inputs go: the device of the input embedding (the first GPU of a split model)."""
-    return model.get_input_embeddings().weight.device
+    """Where inputs go: the device the input embedding runs on (the first GPU of a split model).
+
+    An offloaded embedding keeps its weight off the GPU (on ``meta``) and runs on the
+    execution device of its dispatch hook.
+    """
+    import torch
+
+    embeddings = model.get_input_embeddings()
+    device = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
+    return torch.device(device) if device is not None else embeddings.weight.device
