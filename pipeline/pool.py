@@ -215,6 +215,8 @@ class InlinePool:
         self.worker = worker_cls(store_url, manifest, storage_options)
 
     def offloaded(self) -> int:
+        if self.worker.load_error is not None:
+            raise self.worker.load_error
         return len(offloaded(self.worker.model))
 
     def run(self, tasks: list[UnitTask], on_receipt: Callable[[UnitReceipt], None]) -> None:
