@@ -24,14 +24,17 @@ from actcache.plan import Plan, StoredRows, empty_stored, make_plan
 from actcache.progress import Progress
 from actcache.schemas import store as layout
 from actcache.schemas.errors import ConfigError, StorageFullError, StoreMismatchError
-from actcache.schemas.job import JobConfig
+from actcache.schemas.job import JobConfig, ModelDtype
 from actcache.schemas.store import Manifest, ModelInfo, RunRecord, UnitReceipt
 from actcache.workers.media import IMAGE_BACKEND
 from actcache.workers.model import (
+    depth_needed,
     encoder_config,
     hidden_size,
     load_config,
+    model_folder,
     resolve_layers,
+    resolve_model_dtype,
     weights_fingerprint,
 )
 from actcache.workers.storage import check_access, open_group
@@ -131,13 +134,18 @@ def check_media_job(job: JobConfig, config: Any, adapter: Any) -> None:
 def build_manifest(job: JobConfig, info: ModelInfo, max_length: int,
                    side: str | None = None, prefix: int = 0) -> Manifest:
     layers = resolve_layers(job.layers, info.num_hidden_layers)
+    # `model_dtype: auto` is recorded as the dtype it resolved to: a store is compared,
+    # and its values made, by the dtype that actually ran.
+    model_dtype = resolve_model_dtype(job.model, job.revision, job.trust_remote_code,
+                                      job.model_dtype.value)
+    job = job.model_copy(update={"model_dtype": ModelDtype(model_dtype)})
     return Manifest(
         actcache_version=__version__,
         model=info,
         layers=layers,
         poolings=tuple(p.value for p in job.pooling),
         dtype=job.dtype.value,
-        model_dtype=job.model_dtype.value,
+        model_dtype=model_dtype,
         max_length=max_length,
         truncation_side=job.truncation_side,
         text_column=job.input_column,
@@ -310,7 +318,7 @@ def run_job(
                 uncommit_corrupt(job.store, set(inputs.ids), storage_options, echo)
             fresh, plan = _prepare(job, manifest, inputs, overwrite, storage_options, run_id)
             for_workers = worker_manifest(manifest, plan)
-            pool = (_make_pool(job, for_workers, storage_options, inline, worker_cls)
+            pool = (_make_pool(job, manifest, for_workers, storage_options, inline, worker_cls)
                     if plan.tasks else None)
             try:
                 # Every worker checks itself before anything is written: a refused model
@@ -358,6 +366,43 @@ def _prepare(
     return fresh, make_plan(inputs, stored, job.rows_per_unit, run_id)
 
 
+def plan_workers(job: JobConfig, manifest: Manifest, inline: bool) -> tuple[int, dict[str, Any]] | None:
+    """Check the job against the GPUs before anything is written: (actors, Ray options).
+
+    None for an in-process run. The weights to load are estimated from the checkpoint's
+    headers (only the blocks the deepest layer needs), against one GPU's memory.
+    """
+    from actcache.pool import (
+        check_fits,
+        check_quantize,
+        cluster_gpu_memory,
+        gpu_memory_bytes,
+        worker_options,
+    )
+    from actcache.workers.placement import weight_bytes
+
+    if inline:
+        import torch
+
+        resources = {"CPU": 1.0, "GPU": float(torch.cuda.device_count())}
+    else:
+        import ray
+
+        connect_ray()
+        resources = ray.cluster_resources()
+    count, options = worker_options(
+        1 if inline else job.workers, job.cpus_per_worker, job.gpus_per_worker, resources
+    )
+    check_quantize(job, int(resources.get("GPU", 0)))
+    if "num_gpus" in options:
+        n_layers = manifest.model.num_hidden_layers
+        depth = depth_needed(manifest.layers, n_layers)
+        folder = model_folder(job.model, job.revision)
+        weights = weight_bytes(folder, depth, n_layers, manifest.model_dtype, job.quantize)
+        check_fits(job, weights, depth, gpu_memory_bytes() if inline else cluster_gpu_memory())
+    return None if inline else (count, options)
+
+
 def worker_manifest(manifest: Manifest, plan: Plan) -> dict[str, Any]:
     """The manifest as workers get it: with the self-check's inputs (a few of this run's)."""
     from actcache.workers.selfcheck import CHECK_INPUTS, pick_inputs
@@ -379,19 +424,16 @@ def _check_here(for_workers: dict[str, Any]) -> dict[str, Any]:
     return CachingWorker(None, for_workers).check()
 
 
-def _make_pool(job: JobConfig, manifest: dict[str, Any], storage_options: dict[str, Any] | None,
-               inline: bool, worker_cls: type | None) -> Any:
-    from actcache.pool import ActorPool, InlinePool, worker_options
+def _make_pool(job: JobConfig, manifest: Manifest, for_workers: dict[str, Any],
+               storage_options: dict[str, Any] | None, inline: bool, worker_cls: type | None) -> Any:
+    from actcache.pool import ActorPool, InlinePool
     from actcache.workers.actor import CachingWorker
 
     cls = worker_cls or CachingWorker
-    if inline:
-        return InlinePool(job.store, manifest, storage_options, cls)
-    import ray
-
-    connect_ray()
-    count, options = worker_options(job.workers, job.cpus_per_worker, ray.cluster_resources())
-    return ActorPool(job.store, manifest, storage_options, count, options, cls)
+    workers = plan_workers(job, manifest, inline)
+    if workers is None:
+        return InlinePool(job.store, for_workers, storage_options, cls)
+    return ActorPool(job.store, for_workers, storage_options, *workers, cls)
 
 
 def _print_plan(echo: Any, job: JobConfig, manifest: Manifest, plan: Plan, nbytes: int,
@@ -453,7 +495,9 @@ def _execute(
                           "another", file=sys.stderr, flush=True)
 
                 pool.on_lost = on_lost
-            progress = Progress(plan.pending_rows, len(plan.tasks))
+            off = pool.offloaded() if job.offload else 0
+            note = f"{off} modules offloaded to CPU/disk (slow)" if off else ""
+            progress = Progress(plan.pending_rows, len(plan.tasks), note)
 
             def on_receipt(receipt: UnitReceipt) -> None:
                 if lease is not None:

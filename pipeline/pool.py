@@ -1,4 +1,4 @@
-"""The actor pool: one Ray actor per GPU (or CPU slot group), units handed out as they free up.
+"""The actor pool: one Ray actor per ``gpus_per_worker`` GPUs (or CPU slot group), units handed out as they free up.
 
 Why a small pool of our own rather than Ray Data's ``map_batches``: each unit is one
 call whose receipt must come back only after the unit's commit, progress is counted in
@@ -10,49 +10,94 @@ units retried (at-least-once, safe because a unit owns its shards and commits la
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
-from actcache.schemas.errors import UserError
+from actcache.schemas.errors import ConfigError, ModelTooLargeError
+from actcache.schemas.job import JobConfig
 from actcache.schemas.store import UnitReceipt, UnitTask
 from actcache.workers.actor import CachingWorker
+from actcache.workers.placement import headroom, offloaded
 from actcache.workers.storage import storage_env
 
 IN_FLIGHT_PER_ACTOR = 2
 MAX_ATTEMPTS = 3
-GPUS_ENV = "ACTCACHE_GPUS_PER_WORKER"
-"""GPUs per actor (``actcache submit --gpus-per-worker``); 1 when unset."""
 
 
 def worker_options(
-    workers: int | None, cpus_per_worker: int | None, resources: dict[str, float]
+    workers: int | None,
+    cpus_per_worker: int | None,
+    gpus_per_worker: float | None,
+    resources: dict[str, float],
 ) -> tuple[int, dict[str, Any]]:
     """(number of actors, Ray options for each) from the cluster's resources.
 
-    One actor per GPU when the cluster has GPUs; otherwise ``workers`` actors (default 1)
-    sharing the CPUs, each running torch on its share of threads.
+    On a cluster with GPUs each actor reserves ``gpus_per_worker`` of them (default 1) and
+    there are as many actors as fit; otherwise ``workers`` actors (default 1) share the
+    CPUs, each running torch on its share of threads.
     """
     gpus = int(resources.get("GPU", 0))
     cpus = max(1, int(resources.get("CPU", 1)))
-    per_gpu = float(os.environ.get(GPUS_ENV) or 0)
-    if per_gpu and not gpus:
-        raise UserError(
-            f"{GPUS_ENV}={per_gpu:g} (--gpus-per-worker) but the cluster has no GPUs; "
-            "drop the option or add GPU nodes"
+    if gpus_per_worker and not gpus:
+        raise ConfigError(
+            f"`gpus_per_worker: {gpus_per_worker:g}` but the cluster has no GPUs; "
+            "drop it (and --gpus-per-worker) or add GPU nodes"
         )
     if gpus:
-        per = per_gpu or 1.0
-        count = workers or max(1, int(gpus // per))
+        per = gpus_per_worker or 1.0
+        fit = int(gpus // per)
+        if not fit:
+            raise ConfigError(
+                f"`gpus_per_worker: {per:g}` is more than the cluster's {gpus} GPUs; "
+                f"set it to at most {gpus}"
+            )
+        count = workers or fit
         if count * per > gpus:
-            raise UserError(
+            raise ConfigError(
                 f"`workers: {count}` with {per:g} GPUs each asks for more than the cluster's "
-                f"{gpus} GPUs; set `workers` to at most {max(1, int(gpus // per))}"
+                f"{gpus} GPUs; set `workers` to at most {fit}"
             )
         return count, {"num_gpus": per, "num_cpus": cpus_per_worker or 1}
     count = workers or 1
-    per = cpus_per_worker or max(1, cpus // count)
-    return count, {"num_cpus": per}
+    per_cpu = cpus_per_worker or max(1, cpus // count)
+    return count, {"num_cpus": per_cpu}
+
+
+def check_fits(job: JobConfig, weights: int, depth: int, gpu_bytes: int | None) -> None:
+    """Refuse, before any actor starts, a model whose weights exceed the actor's GPUs.
+
+    ``weights``: bytes of blocks 0..depth-1 as loaded (from the checkpoint's headers);
+    ``gpu_bytes``: one GPU's memory, None where it cannot be told (then the actor's own
+    placement check still refuses a model that does not fit).
+    """
+    if job.offload or gpu_bytes is None:
+        return
+    per = job.gpus_per_worker or 1.0
+    usable = per * (gpu_bytes - headroom(gpu_bytes))
+    if weights > usable:
+        gib = 1 << 30
+        raise ModelTooLargeError(
+            f"model {job.model!r} needs about {weights / gib:.1f} GiB for its weights up to block "
+            f"{depth}, more than the {usable / gib:.1f} GiB that {per:g} GPU(s) of "
+            f"{gpu_bytes / gib:.0f} GiB leave for weights; raise `gpus_per_worker`, set "
+            "`quantize`, cache fewer layers, or set `offload: true` (slow)"
+        )
+
+
+def check_quantize(job: JobConfig, gpus: int) -> None:
+    if not job.quantize:
+        return
+    if not gpus:
+        raise ConfigError(
+            f"`quantize: {job.quantize}` needs CUDA GPUs (bitsandbytes) and there are none; "
+            "drop `quantize` or run on GPU nodes"
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"`quantize: {job.quantize}` needs bitsandbytes: `pip install bitsandbytes`"
+        )
 
 
 class ActorPool:
@@ -103,6 +148,17 @@ class ActorPool:
         if len(choices) > 1:
             raise RuntimeError(f"workers chose different padding fixes: {sorted(choices)}")
         return dict(records[0])
+
+    def offloaded(self) -> int:
+        """Modules the actors' models keep off their GPUs (offload was asked for)."""
+        import ray
+        from ray.exceptions import RayTaskError
+
+        try:
+            placed = ray.get([a.ping.remote() for a in self.actors])
+        except RayTaskError as e:  # the actor's own error (its model could not be placed)
+            raise (e.cause if isinstance(e.cause, BaseException) else e) from None
+        return sum(len(p["offloaded"]) for p in placed)
 
     def run(self, tasks: list[UnitTask], on_receipt: Callable[[UnitReceipt], None]) -> None:
         import ray
@@ -185,9 +241,37 @@ class InlinePool:
     def check(self) -> dict[str, Any]:
         return dict(self.worker.check())
 
+    def offloaded(self) -> int:
+        if self.worker.load_error is not None:
+            raise self.worker.load_error
+        return len(offloaded(self.worker.model))
+
     def run(self, tasks: list[UnitTask], on_receipt: Callable[[UnitReceipt], None]) -> None:
         for task in tasks:
             on_receipt(UnitReceipt.model_validate(self.worker.process(task)))
 
     def shutdown(self) -> None:
         pass
+
+
+def gpu_memory_bytes() -> int | None:
+    """One GPU's memory, where this runs (None without CUDA)."""
+    import torch
+
+    return int(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
+
+
+def cluster_gpu_memory(timeout_s: float = 120.0) -> int | None:
+    """One of the cluster's GPUs' memory, asked of a short task on a GPU node.
+
+    None when it cannot be told in time (every GPU busy): the actors then check for themselves.
+    """
+    import ray
+    from ray.exceptions import GetTimeoutError
+
+    ref = ray.remote(num_gpus=1, num_cpus=0)(gpu_memory_bytes).remote()
+    try:
+        return ray.get(ref, timeout=timeout_s)  # type: ignore[no-any-return]
+    except GetTimeoutError:
+        ray.cancel(ref, force=True)
+        return None

@@ -21,8 +21,10 @@ PLAIN_EVERY_S = 5.0
 
 
 class Progress:
-    def __init__(self, rows: int, units: int) -> None:
+    def __init__(self, rows: int, units: int, note: str = "") -> None:
         self.rows, self.units = rows, units
+        # Said on every line: something the user should know while waiting (an offload).
+        self.note = f" · {note}" if note else ""
         self.rows_done = self.units_done = 0
         self.started = time.perf_counter()
         self._last_line = 0.0
@@ -33,7 +35,7 @@ class Progress:
                 TextColumn("caching"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("rows · {task.fields[units]} · {task.fields[rate]} rows/s"),
+                TextColumn("rows · {task.fields[units]} · {task.fields[rate]} rows/s" + self.note),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
                 console=console,
@@ -60,7 +62,7 @@ class Progress:
             self._last_line = now
             print(
                 f"caching: {self.rows_done}/{self.rows} rows, {self._units()}, "
-                f"{self.rate():.0f} rows/s",
+                f"{self.rate():.0f} rows/s{self.note}",
                 file=sys.stderr,
                 flush=True,
             )

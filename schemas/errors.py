@@ -107,3 +107,7 @@ class JobSubmissionError(UserError, RuntimeError):
 
 class ShapeMismatchError(UserError, ValueError):
     """A vector given to a query (direction, query point) does not fit the store's width."""
+
+
+class ModelTooLargeError(UserError, ValueError):
+    """The model's weights do not fit the GPUs an actor reserves (and offload was not asked)."""

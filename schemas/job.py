@@ -40,6 +40,8 @@ class StorageDtype(StrEnum):
 class ModelDtype(StrEnum):
     """The dtype of the forward pass."""
 
+    AUTO = "auto"
+    """The checkpoint's own dtype (the manifest records which one it was)."""
     FLOAT32 = "float32"
     FLOAT16 = "float16"
     BFLOAT16 = "bfloat16"
@@ -97,8 +99,11 @@ class JobConfig(Frozen):
     """One or more poolings, each stored separately."""
     dtype: StorageDtype = StorageDtype.FLOAT16
     """Storage dtype. float16 refuses values beyond ±65504; bfloat16 round-trips exactly."""
-    model_dtype: ModelDtype = ModelDtype.FLOAT32
-    """Dtype of the forward pass."""
+    model_dtype: ModelDtype = ModelDtype.AUTO
+    """Dtype of the forward pass; auto = the checkpoint's own, resolved before the store is made."""
+    quantize: Literal["8bit", "4bit"] | None = None
+    """Load the weights in 8 or 4 bits (bitsandbytes; needs CUDA). Values then differ from the
+    unquantised model's; recorded in the manifest."""
 
     batch_size: int = Field(default=32, ge=1)
     """Examples per forward pass (batches are length-sorted inside a unit)."""
@@ -108,6 +113,12 @@ class JobConfig(Frozen):
     """Which end of a too-long input is cut off; every cut is counted in the manifest."""
     workers: int | None = Field(default=None, ge=1)
     """Number of actors. None = one per GPU in the cluster, or one on a CPU-only cluster."""
+    gpus_per_worker: float | None = Field(default=None, gt=0)
+    """GPUs each actor reserves; above 1 (a whole number) the model is split across them.
+    None = 1 on a GPU cluster. A fraction packs several actors onto one GPU."""
+    offload: bool = False
+    """Let weights that do not fit the actor's GPUs live on the CPU or disk (slow, and said
+    so in the progress line). Off: a model that does not fit is an error."""
     cpus_per_worker: int | None = Field(default=None, ge=1)
     """CPU slots each actor takes; None = the cluster's CPUs shared among the actors."""
     rows_per_unit: int = Field(default=1024, ge=1)
@@ -141,6 +152,9 @@ class JobConfig(Frozen):
             raise ValueError("`chat_template` and `text_pair_column` cannot be combined")
         if self.decoder_prompt and self.side != "decoder":
             raise ValueError("`decoder_prompt` needs `side: decoder`")
+
+        if self.gpus_per_worker and self.gpus_per_worker > 1 and self.gpus_per_worker % 1:
+            raise ValueError("`gpus_per_worker` above 1 must be a whole number of GPUs")
         return self
 
     @property
@@ -165,6 +179,7 @@ SHAPING_FIELDS: tuple[str, ...] = (
     "pooling",
     "dtype",
     "model_dtype",
+    "quantize",
     "max_length",
     "truncation_side",
     "text_column",

@@ -1,9 +1,10 @@
 """The caching worker: loads its model once, then computes and writes one unit per call.
 
-The driver wraps this class with ``ray.remote`` (one actor per GPU, or per CPU slot
-group). On a GPU it runs with ``max_concurrency=2``: while one call writes its unit's
-shards, the next call's forward passes already run (a lock keeps forward passes one at
-a time).
+The driver wraps this class with ``ray.remote`` (one actor per ``gpus_per_worker``
+GPUs, or per CPU slot group). On a GPU it runs with ``max_concurrency=2``: while one
+call writes its unit's shards, the next call's forward passes already run (a lock keeps
+forward passes one at a time). Its model is built only as deep as the deepest requested
+layer and placed over the actor's GPUs (workers/model.py, workers/placement.py).
 Inside a call on a GPU, a writer thread behind a bounded queue copies each batch to the
 host, casts and scatters it while the next batch runs forward; on a CPU that copy does
 not exist and the batch is written inline.
@@ -20,50 +21,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from actcache.schemas.errors import UserError
 from actcache.schemas.store import UnitReceipt, UnitTask
 from actcache.workers.adapters import make_adapter, model_side, side_layers
 from actcache.workers.capture import Capture
 from actcache.workers.final_norm import final_norm
 from actcache.workers.model import (
+    depth_needed,
     encoder_config,
     encoder_of,
-    first_line,
+    input_device,
     load_config,
-    resolve_model_path,
+    load_model,
 )
+from actcache.workers.placement import actor_gpus, offloaded
 from actcache.workers.selfcheck import CHECK_INPUTS, self_check, tolerance
 from actcache.workers.storage import open_group
 from actcache.workers.writer import UnitWriter
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _QUEUE_DEPTH = 4
-
-
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def load_model(name: str, job: dict[str, Any], device: torch.device) -> Any:
-    from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
-
-    from actcache.schemas.errors import ModelLoadError
-
-    # The run reports its own progress; a weight-loading bar per worker is noise.
-    hf_logging.disable_progress_bar()
-    try:
-        model = AutoModel.from_pretrained(
-            resolve_model_path(name),
-            revision=job.get("revision"),
-            trust_remote_code=bool(job.get("trust_remote_code")),
-            dtype=_DTYPES[job.get("model_dtype", "float32")],
-            local_files_only=True,
-        )
-    except Exception as e:
-        raise ModelLoadError(f"cannot load model {name!r}: {first_line(e)}") from e
-    return encoder_of(model, modality(job)).to(device).eval()
 
 
 def modality(job: dict[str, Any]) -> str:
@@ -86,15 +62,29 @@ class CachingWorker:
             torch.set_num_threads(threads)
         self.manifest = manifest
         job = manifest["job"]
-        self.device = pick_device()
         name = job["model"]
         config = load_config(name, job.get("revision"), bool(job.get("trust_remote_code")))
         self.adapter = make_adapter(job, config, manifest["max_length"],
                                     manifest["truncation_side"], storage_options)
-        self.model = load_model(name, job, self.device)
-        config = encoder_config(config, modality(job))
+        kind = modality(job)
+        config = encoder_config(config, kind)
         side = model_side(job, config)
         n_layers = side_layers(config, side)
+        # Text models are built only as deep as asked (tested family by family); the
+        # decoder side and other modalities load whole and are cut after loading.
+        depth = (depth_needed(manifest["layers"], n_layers)
+                 if kind == "text" and side != "decoder" else None)
+        self.load_error: UserError | None = None
+        try:
+            self.model = encoder_of(
+                load_model(name, job, depth, actor_gpus(job.get("gpus_per_worker"))), kind
+            )
+        except UserError as e:
+            # Raised here, Ray would only say the actor died (and start another); kept and
+            # raised by each call, it reaches the user as itself: one line, exit 2.
+            self.load_error = e
+            return
+        self.device = input_device(self.model)
         self.capture = Capture(self.model, manifest["layers"], n_layers, manifest["poolings"], side)
         if job.get("final_norm"):
             self.capture.norm = final_norm(self.capture.net, config, n_layers)
@@ -112,12 +102,15 @@ class CachingWorker:
         """Where this actor runs: for scheduling checks and logs."""
         import ray
 
+        if self.load_error is not None:
+            raise self.load_error
         ctx = ray.get_runtime_context()
         return {
             "pid": os.getpid(),
             "node": ctx.get_node_id(),
             "gpus": [str(g) for g in ray.get_gpu_ids()],
             "device": str(self.device),
+            "offloaded": offloaded(self.model),
         }
 
     @property
@@ -131,6 +124,8 @@ class CachingWorker:
 
         Leaves the chosen padding side and position rule applied, returns the record.
         """
+        if self.load_error is not None:
+            raise self.load_error
         if self.checked is not None:
             return self.checked
         inputs = list(self.manifest.get(CHECK_INPUTS) or [])
@@ -150,6 +145,8 @@ class CachingWorker:
         return record
 
     def process(self, task: UnitTask | dict[str, Any]) -> dict[str, Any]:
+        if self.load_error is not None:
+            raise self.load_error
         if isinstance(task, dict):
             task = UnitTask.model_validate(task)
         self.check()

@@ -17,8 +17,9 @@ Pooled = dict[tuple[str, int], torch.Tensor]
 class Capture:
     """Runs ``model`` on a batch and returns float32 pooled states per (pooling, layer).
 
-    When the deepest requested layer ``k`` is below the model's last, the block list is cut
-    to ``k`` blocks, so a sweep over early layers does not pay for the rest of the model.
+    ``n_layers`` is the full model's block count. When the deepest requested layer ``k``
+    is below it, the block list is cut to ``k`` blocks (if the model was not already built
+    with ``k`` blocks), so a sweep over early layers does not pay for the rest of the model.
     Layer ``k`` is then read from a hook on block ``k-1``: the model's own last hidden
     state would carry its final norm, which index ``k < L`` must not.
 
@@ -48,10 +49,12 @@ class Capture:
         self._first_position = first_position(self.net)
         self._truncated = False
         deepest = max(self.layers)
+        keep = max(deepest, 1)
         # The decoder side runs the whole model; its block list is not the first one found.
-        blocks = block_list(self.net, n_layers) if side != "decoder" else None
+        # A model built with ``keep`` blocks (cut at load) already has the length wanted.
+        blocks = (block_list(self.net, n_layers) or block_list(self.net, keep)
+                  if side != "decoder" else None)
         if deepest < n_layers and blocks is not None:
-            keep = max(deepest, 1)
             del blocks[keep:]
             self._truncated = True
             if deepest >= 1:
@@ -83,7 +86,9 @@ class Capture:
         if self.norm is not None:
             states = {layer: self.norm(layer, h) for layer, h in states.items()}
         return {
-            (pooling, layer): pool(states[layer].float(), batch.mask, pooling, batch.prefix)
+            # A model split across GPUs leaves each layer's states on its block's device.
+            (pooling, layer): pool(states[layer].float(), batch.mask.to(states[layer].device),
+                                   pooling, batch.prefix)
             for layer in self.layers
             for pooling in self.poolings
         }

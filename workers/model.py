@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 
 
 PACKAGE_SCHEME = "pkg://"
+_LAYER_ATTRS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
 def resolve_model_path(name: str) -> str:
@@ -80,7 +82,46 @@ def _config_int(config: Any, attrs: tuple[str, ...], what: str) -> int:
 
 def num_layers(config: Any) -> int:
     """Blocks in the model (hidden-state indices run 0..this)."""
-    return _config_int(config, ("num_hidden_layers", "n_layer", "num_layers"), "the layer count")
+    return _config_int(config, _LAYER_ATTRS, "the layer count")
+
+
+def _layer_owner(config: Any) -> Any:
+    """The config (itself or its ``text_config``) that holds the layer count."""
+    for attr in _LAYER_ATTRS:
+        if isinstance(getattr(config, attr, None), int):
+            return config
+    text_config = getattr(config, "text_config", None)
+    return _layer_owner(text_config) if text_config is not None else config
+
+
+#: Lists as long as the layer count that are not per layer.
+_NOT_PER_LAYER = frozenset({"architectures"})
+
+
+def depth_needed(layers: Sequence[int], n_layers: int) -> int:
+    """Blocks to build for hidden-state indices ``layers``: up to the deepest, at least one."""
+    return min(n_layers, max(max(layers), 1))
+
+
+def cut_config(config: Any, depth: int) -> Any:
+    """A copy of ``config`` describing the model's first ``depth`` blocks only.
+
+    The layer count and every per-layer list (``layer_types``, ``attention_layers`` ...)
+    are cut, so the model built from it has no weights past block ``depth``.
+    """
+    n_layers = num_layers(config)
+    if depth >= n_layers:
+        return config
+    config = copy.deepcopy(config)
+    owner = _layer_owner(config)
+    for key, value in list(vars(owner).items()):
+        if isinstance(value, list | tuple) and len(value) == n_layers and key not in _NOT_PER_LAYER:
+            setattr(owner, key, type(value)(value[:depth]))
+    for attr in _LAYER_ATTRS:
+        if isinstance(getattr(owner, attr, None), int):
+            setattr(owner, attr, depth)
+            break
+    return config
 
 
 def hidden_size(config: Any) -> int:
@@ -126,6 +167,21 @@ def weights_fingerprint(name: str, revision: str | None = None) -> tuple[str, st
                 f.seek(-(1 << 20), os.SEEK_END)
                 digest.update(f.read())
     return digest.hexdigest(), commit
+
+
+def model_folder(name: str, revision: str | None = None) -> str:
+    """The local folder holding the model's files."""
+    return _model_folder(resolve_model_path(name), revision)[0]
+
+
+def resolve_model_dtype(name: str, revision: str | None, trust_remote_code: bool, dtype: str) -> str:
+    """``dtype``, or for ``auto`` the checkpoint's own (float32 when it cannot be told)."""
+    if dtype != "auto":
+        return dtype
+    from actcache.workers.placement import checkpoint_dtype
+
+    config = load_config(name, revision, trust_remote_code)
+    return checkpoint_dtype(config, model_folder(name, revision))
 
 
 def _model_folder(name: str, revision: str | None) -> tuple[str, str | None]:
@@ -176,3 +232,64 @@ def encoder_of(model: Any, modality: str) -> Any:
     if getattr(config, "model_type", None) == "vit_mae":
         config.mask_ratio = 0.0
     return model
+
+
+def load_model(
+    name: str, job: dict[str, Any], depth: int | None = None, gpus: Sequence[int] = ()
+) -> Any:
+    """The model in eval mode, built with its first ``depth`` blocks only (all when None).
+
+    Weights past block ``depth`` are neither read nor held. Without ``gpus`` it lives on
+    the CPU; with them it is placed by ``device_map`` over those GPUs (see placement.py).
+    """
+    import torch
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    from actcache.workers import placement
+
+    revision, trust = job.get("revision"), bool(job.get("trust_remote_code"))
+    config = load_config(name, revision, trust)
+    if depth is not None:
+        config = cut_config(config, depth)
+    dtype = getattr(torch, resolve_model_dtype(name, revision, trust, job.get("model_dtype", "auto")))
+    kwargs = placement.load_kwargs(name, config, dtype, job, list(gpus))
+    # The run reports its own progress; a weight-loading bar per worker is noise.
+    hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    if depth is not None:
+        # The checkpoint's blocks past ``depth`` are reported as unexpected keys: by design.
+        hf_logging.set_verbosity_error()
+    try:
+        model = AutoModel.from_pretrained(
+            resolve_model_path(name), config=config, revision=revision,
+            trust_remote_code=trust, local_files_only=True, **kwargs,
+        )
+    except Exception as e:
+        raise ModelLoadError(f"cannot load model {name!r}: {first_line(e)}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if gpus:
+        placement.check_placement(model.hf_device_map, name, list(gpus), bool(job.get("offload")))
+    return model.eval()
+
+
+def input_device(model: Any) -> Any:
+    """Where inputs go: the device the input embedding runs on (the first GPU of a split model).
+
+    An offloaded embedding keeps its weight off the GPU (on ``meta``) and runs on the
+    execution device of its dispatch hook.
+    """
+    import torch
+
+    try:
+        embeddings = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        embeddings = None
+    weight = getattr(embeddings, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        # Vision and speech encoders embed with a convolution (no token table): their
+        # first parameter sits where the input goes.
+        return next(model.parameters()).device
+    device = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
+    return torch.device(device) if device is not None else weight.device

@@ -140,7 +140,7 @@ def schedule_command(
         for path in local_paths(spec):
             typer.echo(f"note: {path} is a local path: every pod must see it (mount it), "
                        "or use s3://", err=True)
-        typer.echo(k8s.render(job.stem, shipped_job(spec), cron_ops.check_cron(cron),
+        typer.echo(k8s.render(job.stem, shipped_job(spec, gpus_per_worker), cron_ops.check_cron(cron),
                               image=image or k8s.IMAGE, workers=workers,
                               gpus_per_worker=gpus_per_worker, namespace=namespace), nl=False)
         return

@@ -105,10 +105,6 @@ def rayjob(
             }],
         },
     }
-    if gpus_per_worker is not None:
-        spec["runtimeEnvYAML"] = yaml.safe_dump(
-            {"env_vars": {"ACTCACHE_GPUS_PER_WORKER": f"{gpus_per_worker:g}"}}
-        )
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",

@@ -12,11 +12,11 @@ job's runtime environment carries:
   the submitter's without a package index or a per-job virtualenv; the third-party
   dependencies (torch, transformers, zarr, ...) come from the cluster's image
   (docker/Dockerfile), where a pip requirement would reinstall torch for every job;
-- ``env_vars``: ``ACTCACHE_GPUS_PER_WORKER`` when ``--gpus-per-worker`` is given. The
-  GPUs belong to the caching actors, not to the entrypoint (the driver only plans and
-  records), so the value is read by the driver's actor pool rather than passed as
-  entrypoint resources. Storage credentials are not forwarded: a runtime env is shown
-  by the dashboard, so the cluster brings its own (``AWS_*`` in its environment).
+- ``--gpus-per-worker`` becomes the shipped job's ``gpus_per_worker``. The GPUs belong
+  to the caching actors, not to the entrypoint (the driver only plans and records), so
+  the value is read by the driver's actor pool rather than passed as entrypoint
+  resources. Storage credentials are not forwarded: a runtime env is shown by the
+  dashboard, so the cluster brings its own (``AWS_*`` in its environment).
 """
 
 from __future__ import annotations
@@ -43,8 +43,6 @@ import yaml
 from actcache.schemas.errors import ConfigError, JobSubmissionError
 from actcache.schemas.job import JobConfig
 
-GPUS_ENV = "ACTCACHE_GPUS_PER_WORKER"
-"""Environment variable naming the GPUs each caching actor reserves (read by the pool)."""
 JOB_FILE = "job.yaml"
 ENTRYPOINT = f"python -m actcache.cli cache {JOB_FILE}"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -101,9 +99,20 @@ def client(address: str | None) -> Any:
         ) from e
 
 
-def shipped_job(job: JobConfig) -> dict[str, Any]:
-    """The job as shipped: validated, paths already absolute, defaults left to the schema."""
-    return job.model_dump(mode="json", exclude_unset=True)
+def shipped_job(job: JobConfig, gpus_per_worker: float | None = None) -> dict[str, Any]:
+    """The job as shipped: validated, paths already absolute, defaults left to the schema.
+
+    ``--gpus-per-worker``, when given, overrides the job's ``gpus_per_worker``.
+    """
+    raw = job.model_dump(mode="json", exclude_unset=True)
+    if gpus_per_worker is not None:
+        if gpus_per_worker <= 0:
+            raise ConfigError(f"--gpus-per-worker must be positive, got {gpus_per_worker}")
+        raw["gpus_per_worker"] = gpus_per_worker
+        from actcache.driver import parse_job
+
+        parse_job(raw, "--gpus-per-worker")
+    return raw
 
 
 def is_loopback(url: str) -> bool:
@@ -156,18 +165,14 @@ def prepared(
     ship_package: bool = True,
 ) -> Iterator[Submission]:
     """Build the submission in a temporary folder that lives while the job is uploaded."""
-    if gpus_per_worker is not None and gpus_per_worker <= 0:
-        raise ConfigError(f"--gpus-per-worker must be positive, got {gpus_per_worker}")
+    raw = shipped_job(job, gpus_per_worker)
     with tempfile.TemporaryDirectory(prefix="actcache-submit-") as tmp:
         work = Path(tmp) / "job"
         work.mkdir()
-        raw = shipped_job(job)
         (work / JOB_FILE).write_text(yaml.safe_dump(raw, sort_keys=False))
         runtime_env: dict[str, Any] = {"working_dir": str(work)}
         if ship_package:
             runtime_env["py_modules"] = [str(package_copy(Path(tmp) / "pkg"))]
-        if gpus_per_worker is not None:
-            runtime_env["env_vars"] = {GPUS_ENV: f"{gpus_per_worker:g}"}
         metadata = {"actcache_job": str(job_path), "actcache_store": job.store}
         yield Submission(ENTRYPOINT, runtime_env, metadata, submission_id(job_path), raw)
 

@@ -50,6 +50,15 @@ def test_progress_reports_rows_per_second_and_units(capsys):
     assert lines[-1].endswith(" rows/s")
 
 
+def test_progress_lines_carry_the_note(capsys):
+    progress = Progress(rows=10, units=1, note="3 modules offloaded to CPU/disk (slow)")
+    progress.update(UnitReceipt(unit=0, slot_start=0, rows=10, bytes=1, truncated=0, tokens=50,
+                                wall_s=0.1, run_id="r"))
+    progress.close()
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.endswith(" rows/s · 3 modules offloaded to CPU/disk (slow)")
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_console_script_caches_then_info_describes(job_file, tmp_path):

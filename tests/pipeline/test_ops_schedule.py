@@ -222,8 +222,8 @@ def test_kubernetes_gpus_reach_the_worker_pods_and_the_pool(
     spec = yaml.safe_load(config["data"]["rayjob.yaml"])["spec"]
     worker = spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert yaml.safe_load(spec["runtimeEnvYAML"]) == {
-        "env_vars": {"ACTCACHE_GPUS_PER_WORKER": "1"}}
+    assert "runtimeEnvYAML" not in spec
+    assert yaml.safe_load(config["data"]["job.yaml"])["gpus_per_worker"] == 1
 
 
 def test_install_and_kubernetes_exclude_each_other(
@@ -346,7 +346,7 @@ def test_the_shipped_job_has_absolute_paths_and_the_package_imports_on_its_own(
         assert shipped["inputs"] == str(job_file.parent / "inputs.jsonl")
         assert os.path.isabs(shipped["store"])
         assert shipped["batch_size"] == 16 and "rows_per_unit" not in shipped
-        assert sub.runtime_env["env_vars"] == {"ACTCACHE_GPUS_PER_WORKER": "0.5"}
+        assert shipped["gpus_per_worker"] == 0.5 and "env_vars" not in sub.runtime_env
         assert sub.metadata == {"actcache_job": str(job_file), "actcache_store": job.store}
         package = Path(sub.runtime_env["py_modules"][0])
         assert package.name == "actcache"
@@ -361,20 +361,17 @@ def test_the_shipped_job_has_absolute_paths_and_the_package_imports_on_its_own(
     assert not work.exists()
 
 
-def test_gpus_per_worker_sets_the_actor_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpus_per_worker_sets_the_actor_gpus() -> None:
     from actcache import pool
     from actcache.schemas.errors import UserError
 
-    assert pool.GPUS_ENV == ops.GPUS_ENV
     gpus = {"CPU": 16.0, "GPU": 4.0}
-    monkeypatch.setenv(ops.GPUS_ENV, "0.5")
-    assert pool.worker_options(None, None, gpus) == (8, {"num_gpus": 0.5, "num_cpus": 1})
-    monkeypatch.setenv(ops.GPUS_ENV, "2")
-    assert pool.worker_options(None, 3, gpus) == (2, {"num_gpus": 2.0, "num_cpus": 3})
+    assert pool.worker_options(None, None, 0.5, gpus) == (8, {"num_gpus": 0.5, "num_cpus": 1})
+    assert pool.worker_options(None, 3, 2, gpus) == (2, {"num_gpus": 2, "num_cpus": 3})
     with pytest.raises(UserError, match="set `workers` to at most 2"):
-        pool.worker_options(3, None, gpus)
+        pool.worker_options(3, None, 2, gpus)
     with pytest.raises(UserError, match="but the cluster has no GPUs"):
-        pool.worker_options(None, None, {"CPU": 16.0})
+        pool.worker_options(None, None, 1, {"CPU": 16.0})
 
 
 def test_gpus_per_worker_must_be_positive(job_file: Path) -> None:

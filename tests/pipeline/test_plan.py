@@ -83,15 +83,13 @@ def test_incomplete_units_are_redone_first():
     ids=["cpu-default", "cpu-two", "cpu-oversubscribed", "cpu-explicit", "gpu-one-each",
          "gpu-fewer-workers"],
 )
-def test_worker_options(workers, cpw, resources, expected, monkeypatch):
-    monkeypatch.delenv("ACTCACHE_GPUS_PER_WORKER", raising=False)
-    assert worker_options(workers, cpw, resources) == expected
+def test_worker_options(workers, cpw, resources, expected):
+    assert worker_options(workers, cpw, None, resources) == expected
 
 
-def test_more_workers_than_gpus_is_refused(monkeypatch):
-    monkeypatch.delenv("ACTCACHE_GPUS_PER_WORKER", raising=False)
+def test_more_workers_than_gpus_is_refused():
     with pytest.raises(UserError, match="set `workers` to at most 2"):
-        worker_options(3, None, {"CPU": 8, "GPU": 2})
+        worker_options(3, None, None, {"CPU": 8, "GPU": 2})
 
 
 def test_rows_an_interrupted_run_planned_keep_their_order():

@@ -106,7 +106,7 @@ def test_one_actor_per_gpu(tmp_path, tiny_bert):
         info, _, adapter = describe_model(config)
         manifest = build_manifest(config, info, adapter.max_length).model_dump(mode="json")
         run_job(config, inline=True, echo=lambda *_: None)  # creates the store
-        count, options = worker_options(None, None, ray.cluster_resources())
+        count, options = worker_options(None, None, None, ray.cluster_resources())
         assert (count, options["num_gpus"]) == (2, 1)
         pool = ActorPool(str(tmp_path / "gpu.zarr"), manifest, None, count, options)
         placed = ray.get([a.ping.remote() for a in pool.actors])

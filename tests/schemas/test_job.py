@@ -14,7 +14,7 @@ def test_defaults_live_in_the_schema():
     job = JobConfig(**BASE)
     assert job.layers == "all" and job.pooling == (Pooling.MEAN,)
     assert (job.dtype.value, job.model_dtype.value, job.batch_size, job.rows_per_unit) == (
-        "float16", "float32", 32, 1024)
+        "float16", "auto", 32, 1024)
     assert job.trust_remote_code is False and job.id_column is None
 
 
