@@ -92,7 +92,7 @@ def captured(model_path: str, layers: tuple[int, ...], depth: int | None
     model = load_model(model_path, {"model_dtype": "float32"}, depth)
     built_cut = block_list(model, LAYERS) is None and block_list(model, depth or 0) is not None
     capture = Capture(model, layers, num_layers(config), ("mean", "last", "tokens"))
-    batch = adapter.batch(adapter.encode(SENTENCES[:6]).input_ids)
+    batch = adapter.batch(adapter.encode(SENTENCES[:6]).examples)
     return {key: value.numpy() for key, value in capture(batch).items()}, built_cut
 
 
