@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from actcache.schemas.errors import ConfigError
+from actcache.schemas.errors import ConfigError, flag_names
 
 if TYPE_CHECKING:
     import numpy as np
@@ -164,20 +164,25 @@ def query_command(
     from actcache.query._export import check_target
     from actcache.store import open_store
 
-    if layer is None:
-        raise ConfigError("--layer is required: give the hidden-state index to read, e.g. --layer 6")
+    # A metadata-only listing reads no activations; ranking and exports do.
+    reads = top_k is not None or direction is not None or nearest is not None or out is not None
+    if layer is None and reads:
+        what = "--out" if out is not None else "--nearest" if nearest is not None else "--top-k"
+        raise ConfigError(f"{what} reads activations: give the layer with --layer, e.g. --layer 6")
     filters = parse_where(where or [])
     if out is not None:
         check_target(out, dtype or "float32")
     if limit is not None and limit < 0:
         raise ConfigError(f"--limit must be 0 or more, got {limit}")
     s = open_store(store)
-    s.resolve_layer(layer)
-    s.resolve_pooling(pooling)
+    if layer is not None:
+        s.resolve_layer(layer)
+        with flag_names({"pooling": "--pooling"}):
+            s.resolve_pooling(pooling)
     wanted = [i.strip() for i in ids.split(",") if i.strip()] if ids is not None else None
     selection = select(s, filters, wanted)
     restrict = selection.rows if (filters or wanted is not None) else None
-    rows, scores = _rank(s, layer, pooling, restrict if restrict is not None else None,
+    rows, scores = _rank(s, layer or 0, pooling, restrict if restrict is not None else None,
                          top_k, direction, probe, class_name, nearest, k, metric)
     rows = np.asarray(selection.rows if rows is None else rows, dtype=np.int64)
     if limit is not None:
@@ -185,5 +190,5 @@ def query_command(
         scores = None if scores is None else scores[:limit]
     print_table(s, rows, scores, len(rows), len(rows) if limit is not None else SHOWN_ROWS)
     if out is not None:
-        written = export(out, s, layer, pooling, rows, scores, dtype or "float32")
+        written = export(out, s, layer or 0, pooling, rows, scores, dtype or "float32")
         typer.echo(f"wrote {written} rows to {out}")

@@ -118,7 +118,7 @@ def test_nearest_and_ids_export_npy(store_url, data, tmp_path, capsys) -> None:
         (["--layer", "3", "--top-k", "2"],
          "error: --top-k needs --direction probes.safetensors"),
         (["--layer", "3", "--out", "x.csv"], "error: --out 'x.csv' must end in .npy or .parquet"),
-        (["--where", "label=1"], "error: --layer is required"),
+        (["--where", "label=1", "--out", "x.npy"], "error: --out reads activations: give the layer with --layer"),
     ],
     ids=["id", "column", "layer", "where", "metric", "no-direction", "format", "no-layer"],
 )
