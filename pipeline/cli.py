@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+    except KeyboardInterrupt as e:
+        typer.echo(str(e) or "interrupted", err=True)
         return 130
     except typer.TyperException as e:
         # Usage errors (unknown option or command, a value of the wrong type): click's own

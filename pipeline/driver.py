@@ -20,8 +20,9 @@ from actcache.inputs import load_inputs
 from actcache.lease import Lease
 from actcache.plan import Plan, StoredRows, empty_stored, make_plan
 from actcache.progress import Progress
+from actcache.runlog import note, ray_output_to, run_log, sigint_deferred
 from actcache.schemas import store as layout
-from actcache.schemas.errors import ConfigError, StoreMismatchError
+from actcache.schemas.errors import ConfigError, RunInterrupted, StoreMismatchError
 from actcache.schemas.job import JobConfig
 from actcache.schemas.store import Manifest, ModelInfo, RunRecord, UnitReceipt
 from actcache.workers.model import (
@@ -79,10 +80,12 @@ class RunSummary:
 
     def line(self) -> str:
         p = self.plan
+        meta = len(p.metadata_updates)
         return (
-            f"{self.rows} rows cached in {self.units} units ({self.bytes / 1e6:.1f} MB) in "
-            f"{self.wall_s:.1f}s; {p.added} added, {p.updated} updated, {p.skipped} skipped, "
-            f"{p.missing} missing from input; {self.truncated} truncated inputs -> {self.store}"
+            f"{self.rows} rows cached in {self.units} units ({self.bytes / 1e6:.1f} MB "
+            f"uncompressed) in {self.wall_s:.1f}s; {p.added} added, {p.updated} updated, "
+            f"{p.skipped} skipped" + (f" ({meta} with new metadata only)" if meta else "")
+            + f", {p.missing} missing from input; {self.truncated} truncated inputs -> {self.store}"
         )
 
 
@@ -214,11 +217,12 @@ def _write_plan(group: Any, plan: Plan) -> None:
         seq_arr[lo:hi] = np.array(task.seq, dtype=np.int64)
 
 
-def connect_ray() -> None:
+def connect_ray() -> bool:
+    """Join the Ray cluster this runs in, else start a local instance; True when started."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = os.environ.get("RAY_ADDRESS")
     if address and address.startswith(("http://", "https://")):
         raise ConfigError(
@@ -226,7 +230,9 @@ def connect_ray() -> None:
             f"`actcache submit JOB.yaml --address {address}` instead"
         )
     # Outside a cluster this starts a local instance; the dashboard is not needed for it.
-    ray.init(address=address or None, include_dashboard=False, log_to_driver=True)
+    # The actors' output (model loading bars, warnings) stays in Ray's session logs.
+    ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+    return True
 
 
 def estimate_bytes(manifest: Manifest, plan: Plan, adapter: Any) -> int:
@@ -304,9 +310,6 @@ def _execute(
     echo: Any,
     started: float,
 ) -> RunSummary:
-    from actcache.pool import ActorPool, InlinePool, worker_options
-    from actcache.workers.actor import CachingWorker
-
     if fresh:
         _clear(job.store, storage_options)
         create_store(open_group(job.store, "a", storage_options), manifest)
@@ -324,31 +327,16 @@ def _execute(
         _write_plan(group, plan)
         _apply_metadata_updates(group, plan)
         if plan.tasks:
-            cls = worker_cls or CachingWorker
-            if inline:
-                pool: Any = InlinePool(job.store, current, storage_options, cls)
-            else:
-                import ray
-
-                connect_ray()
-                count, options = worker_options(
-                    job.workers, job.cpus_per_worker, ray.cluster_resources()
-                )
-                pool = ActorPool(job.store, current, storage_options, count, options, cls)
-            progress = Progress(plan.pending_rows, len(plan.tasks))
-
-            def on_receipt(receipt: UnitReceipt) -> None:
-                receipts.append(receipt)
-                progress.update(receipt)
-
-            try:
-                pool.run(plan.tasks, on_receipt)
-            finally:
-                progress.close()
-                pool.shutdown()
+            _run_units(job, current, plan, storage_options, inline, worker_cls, receipts)
+    except KeyboardInterrupt:
+        with sigint_deferred():
+            _record(group, record.model_copy(update={
+                "ended": _now(), "status": "interrupted", **_committed(plan, receipts)}))
+        rows = sum(r.rows for r in receipts)
+        raise RunInterrupted(f"interrupted; {rows} rows committed, rerun to finish") from None
     except BaseException as e:
         _record(group, record.model_copy(update={
-            "ended": _now(), "status": "failed", "units": len(receipts),
+            "ended": _now(), "status": "failed", **_committed(plan, receipts),
             "errors": (f"{type(e).__name__}: {e}",),
         }))
         raise
@@ -364,6 +352,72 @@ def _execute(
     )
     echo(summary.line())
     return summary
+
+
+def _run_units(job: JobConfig, manifest: dict[str, Any], plan: Plan,
+               storage_options: dict[str, Any] | None, inline: bool, worker_cls: type | None,
+               receipts: list[UnitReceipt]) -> None:
+    """Compute the plan's units, appending each receipt as its unit commits.
+
+    A local Ray instance started here is stopped here too, whatever ends the run: a
+    Python caller who wants one Ray instance across runs starts it first (``ray.init()``).
+    Ray's messages go to the run's log file, not the terminal.
+    """
+    from actcache.pool import ActorPool, InlinePool, worker_options
+    from actcache.workers.actor import CachingWorker
+
+    cls = worker_cls or CachingWorker
+    progress = Progress(plan.pending_rows, len(plan.tasks))
+
+    def on_receipt(receipt: UnitReceipt) -> None:
+        receipts.append(receipt)
+        progress.update(receipt)
+
+    if inline:
+        try:
+            InlinePool(job.store, manifest, storage_options, cls).run(
+                plan.tasks, on_receipt, progress.computed)
+        finally:
+            progress.close()
+        return
+    import ray
+
+    log = run_log(plan.tasks[0].run_id)
+    with ray_output_to(log):
+        started_ray, pool = False, None
+        try:
+            started_ray = connect_ray()
+            note(log, f"Ray session logs (the actors' output): {_session_dir()}")
+            count, options = worker_options(job.workers, job.cpus_per_worker,
+                                            ray.cluster_resources())
+            pool = ActorPool(job.store, manifest, storage_options, count, options, cls)
+            pool.run(plan.tasks, on_receipt, progress.computed)
+        finally:
+            progress.close()
+            with sigint_deferred():
+                if pool is not None:
+                    pool.shutdown()
+                if started_ray:
+                    ray.shutdown()
+
+
+def _session_dir() -> str:
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    return str(node.get_session_dir_path()) if node is not None else "(unknown)"
+
+
+def _committed(plan: Plan, receipts: list[UnitReceipt]) -> dict[str, int]:
+    """The run record's counts for the units committed so far."""
+    done = {r.unit for r in receipts}
+    ids = [i for task in plan.tasks if task.unit in done for i in task.ids]
+    updated = sum(1 for i in ids if i in plan.updated_ids)
+    return {
+        "units": len(receipts), "rows_added": len(ids) - updated, "rows_updated": updated,
+        "rows_skipped": plan.skipped, "rows_missing": plan.missing,
+        "rows_metadata_updated": len(plan.metadata_updates),
+    }
 
 
 def _apply_metadata_updates(group: Any, plan: Plan) -> None:

@@ -17,6 +17,10 @@ class ActcacheError(Exception):
     """Base of every error actcache raises on purpose."""
 
 
+class RunInterrupted(ActcacheError, KeyboardInterrupt):
+    """Ctrl-C stopped a run; the message says what was committed and how to finish."""
+
+
 class UserError(ActcacheError):
     """A mistake in what the user gave: the message names the culprit and the fix."""
 

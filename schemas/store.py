@@ -135,7 +135,7 @@ class UnitReceipt(Frozen):
     """Host of the actor."""
 
 
-RunStatus = Literal["running", "succeeded", "failed"]
+RunStatus = Literal["running", "succeeded", "failed", "interrupted"]
 
 
 class RunRecord(Frozen):
@@ -148,7 +148,8 @@ class RunRecord(Frozen):
     ended: str | None = None
     """ISO-8601 end time (UTC), None while running or after a crash."""
     status: RunStatus = "running"
-    """running (or crashed, when never ended), succeeded or failed."""
+    """running (or crashed, when never ended), succeeded, failed, or interrupted (Ctrl-C;
+    the counts are those of the units committed before it)."""
     rows_added: int = 0
     """New ids cached."""
     rows_updated: int = 0

@@ -103,22 +103,26 @@ class CachingWorker:
             "device": str(self.device),
         }
 
-    def process(self, task: UnitTask | dict[str, Any]) -> dict[str, Any]:
+    def process(self, task: UnitTask | dict[str, Any], counter: Any = None) -> dict[str, Any]:
+        """Compute, write and commit ``task``; ``counter.add(rows)`` (a Ray actor's, or a
+        plain object's) hears of every forwarded batch."""
         if isinstance(task, dict):
             task = UnitTask.model_validate(task)
         started = time.perf_counter()
         encoded = self.adapter.encode(task.inputs)
         writer = UnitWriter(self.group, self.manifest)
         writer.start(task, encoded.lengths)
+        add = None if counter is None else getattr(counter.add, "remote", counter.add)
         try:
-            self._forward_all(encoded.input_ids, writer)
+            self._forward_all(encoded.input_ids, writer, add)
             receipt: UnitReceipt = writer.complete(encoded.truncated, time.perf_counter() - started)
         except BaseException:
             writer.failed()
             raise
         return receipt.model_dump()
 
-    def _forward_all(self, input_ids: list[list[int]], writer: UnitWriter) -> None:
+    def _forward_all(self, input_ids: list[list[int]], writer: UnitWriter,
+                     add: Any = None) -> None:
         # Longest first: batches of similar length waste little on padding, and the peak
         # memory of the unit shows on its first batch rather than its last.
         order = np.argsort([-len(ids) for ids in input_ids], kind="stable")
@@ -128,6 +132,8 @@ class CachingWorker:
                 for rows in batches:
                     batch = self.adapter.batch([input_ids[i] for i in rows])
                     writer.write(rows, self.capture(batch))
+                    if add is not None:
+                        add(len(rows))
             return
         pending: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_DEPTH)
         errors: list[BaseException] = []
@@ -150,6 +156,8 @@ class CachingWorker:
                     batch = self.adapter.batch([input_ids[i] for i in rows])
                     batch = {k: v.to(self.device) for k, v in batch.items()}
                     pending.put((rows, self.capture(batch)))
+                    if add is not None:
+                        add(len(rows))
         finally:
             pending.put(None)
             thread.join()

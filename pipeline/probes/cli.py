@@ -112,9 +112,8 @@ def probe_command(
         "max_memory": max_memory, "precision": precision, "seed": seed,
         "out": None if out is None else str(out),
     })
-    from rich.console import Console
-
     from actcache.probes._report import print_report, write_outputs
+    from actcache.terminal import console
     from actcache.probes.api import train_probes
 
     overrides = {"pooling": pooling, "layers": layers, "probes": probe, "task": task,
@@ -122,4 +121,4 @@ def probe_command(
     with flag_names(typed_flags(overrides)):
         result = train_probes(store, cfg)
     folder = write_outputs(result, cfg.out)
-    print_report(result, Console(), folder)
+    print_report(result, console(), folder)

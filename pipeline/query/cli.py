@@ -108,8 +108,9 @@ def _rank(s: Store, layer: int, pooling: str | None, rows: Any, top_k: int | Non
 
 
 def print_table(s: Store, rows: Any, scores: Any, total: int, shown: int) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from actcache.terminal import console as terminal
 
     meta = s.metadata
     table = Table(show_edge=False)
@@ -123,7 +124,7 @@ def print_table(s: Store, rows: Any, scores: Any, total: int, shown: int) -> Non
         if scores is not None:
             cells.append(f"{float(scores[i]):.6g}")
         table.add_row(*cells)
-    console = Console()
+    console = terminal()
     console.print(table)
     more = f" (showing {shown}; use --limit or --out for more)" if total > shown else ""
     console.print(f"{total} row{'s' if total != 1 else ''}{more}")
