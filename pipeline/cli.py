@@ -54,8 +54,14 @@ def cache(
 ) -> None:
     """Cache the hidden states a job asks for into its store (resumes and appends)."""
     from actcache.driver import load_job, run_job
+    from actcache.schemas.errors import RunInterrupted
 
-    run_job(load_job(job), overwrite=overwrite, dry_run=dry_run, echo=typer.echo)
+    try:
+        run_job(load_job(job), overwrite=overwrite, dry_run=dry_run, echo=typer.echo)
+    except RunInterrupted as e:
+        # Said here: click turns a KeyboardInterrupt into a bare exit status 130.
+        typer.echo(str(e), err=True)
+        raise typer.Exit(130) from None
 
 
 @app.command()

@@ -113,8 +113,8 @@ def probe_command(
         "out": None if out is None else str(out),
     })
     from actcache.probes._report import print_report, write_outputs
-    from actcache.terminal import console
     from actcache.probes.api import train_probes
+    from actcache.terminal import console
 
     overrides = {"pooling": pooling, "layers": layers, "probes": probe, "task": task,
                  "label": label, "split_column": split_column}
