@@ -15,7 +15,14 @@ import yaml
 from pydantic import ValidationError
 
 from actcache import __version__
-from actcache.create import CODEC, check_compatible, chunk_rows_for, create_store, grow
+from actcache.create import (
+    CODEC,
+    check_compatible,
+    chunk_rows_for,
+    create_store,
+    grow,
+    mark_valid,
+)
 from actcache.inputs import load_inputs
 from actcache.lease import Lease
 from actcache.plan import Plan, StoredRows, empty_stored, make_plan
@@ -330,16 +337,19 @@ def _execute(
             _run_units(job, current, plan, storage_options, inline, worker_cls, receipts)
     except KeyboardInterrupt:
         with sigint_deferred():
+            mark_valid(group)
             _record(group, record.model_copy(update={
                 "ended": _now(), "status": "interrupted", **_committed(plan, receipts)}))
         rows = sum(r.rows for r in receipts)
         raise RunInterrupted(f"interrupted; {rows} rows committed, rerun to finish") from None
     except BaseException as e:
+        mark_valid(group)
         _record(group, record.model_copy(update={
             "ended": _now(), "status": "failed", **_committed(plan, receipts),
             "errors": (f"{type(e).__name__}: {e}",),
         }))
         raise
+    mark_valid(group)
     truncated = _finish(group, job, storage_options)
     _record(group, record.model_copy(update={
         "ended": _now(), "status": "succeeded", "units": len(receipts),

@@ -11,8 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FORMAT_VERSION = 1
-"""Bumped with any change of layout."""
+FORMAT_VERSION = 2
+"""Bumped with any change of layout. 2: ``rows/input``, ``rows/valid``, dimension names
+on every array (see docs/STORE.md); stores of format 1 stay readable."""
 
 MANIFEST_ATTR = "actcache"
 """Root-group attribute that holds the manifest."""
@@ -29,6 +30,13 @@ META_KEY = "rows/meta"
 TRUNCATED_KEY = "rows/truncated"
 TOKEN_OFFSET_KEY = "rows/token_offset"
 TOKEN_LENGTH_KEY = "rows/token_length"
+INPUT_KEY = "rows/input"
+"""Format 2: each row's model input (text), '' when the job set ``store_inputs: false``."""
+VALID_KEY = "rows/valid"
+"""Format 2: True where a slot holds a live row (committed, not superseded), as of the
+last run that ended; for readers without actcache."""
+ROW_DIM = "row"
+"""Dimension name of every row-indexed array (``dimension_names`` in zarr, dims in xarray)."""
 UNITS_GROUP = "units"
 LEASE_KEY = "lease/zarr.json"
 

@@ -124,6 +124,8 @@ class UnitWriter:
         self.array(layout.HASH_KEY)[lo:hi] = np.array(task.hashes, dtype=str)
         self.array(layout.META_KEY)[lo:hi] = np.array(task.meta, dtype=str)
         self.array(layout.TRUNCATED_KEY)[lo:hi] = np.asarray(truncated, dtype=bool)
+        if self.manifest["job"].get("store_inputs", True):
+            self.array(layout.INPUT_KEY)[lo:hi] = np.array(task.inputs, dtype=str)
         if "tokens" in self.manifest["poolings"]:
             base = task.unit * self.token_slots
             self.array(layout.TOKEN_OFFSET_KEY)[lo:hi] = self.offsets + base
@@ -154,5 +156,6 @@ def commit(group: Any, receipt: UnitReceipt) -> None:
         shape=(0,),
         dtype="uint8",
         attributes=json.loads(receipt.model_dump_json()),
+        dimension_names=("marker",),
         overwrite=True,
     )

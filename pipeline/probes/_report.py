@@ -21,8 +21,19 @@ def write_outputs(result: ProbeResult, out: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     result.metrics.to_csv(folder / "metrics.csv", index=False, float_format="%.6g")
     save_file(result.tensors, str(folder / "probes.safetensors"), metadata=result.metadata)
+    _umask_mode(folder / "probes.safetensors")
     plot_layers(result, folder / "layers.png")
     return folder
+
+
+def _umask_mode(path: Path) -> None:
+    """Give ``path`` the mode of the other outputs: safetensors writes its file through a
+    private temporary file (0600), where ``open()`` would honour the umask (0644)."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def plot_layers(result: ProbeResult, path: Path) -> None:

@@ -113,14 +113,18 @@ def print_table(s: Store, rows: Any, scores: Any, total: int, shown: int) -> Non
     from actcache.terminal import console as terminal
 
     meta = s.metadata
+    inputs = s.inputs(rows[:shown])
     table = Table(show_edge=False)
     table.add_column("id", overflow="fold")
+    if inputs is not None:
+        table.add_column("input", overflow="fold")
     for column in meta.columns:
         table.add_column(str(column), overflow="fold")
     if scores is not None:
         table.add_column("score", justify="right")
     for i, row in enumerate(rows[:shown]):
-        cells = [s.ids[int(row)], *(str(v) for v in meta.iloc[int(row)].tolist())]
+        cells = [s.ids[int(row)], *(() if inputs is None else (str(inputs[i]),)),
+                 *(str(v) for v in meta.iloc[int(row)].tolist())]
         if scores is not None:
             cells.append(f"{float(scores[i]):.6g}")
         table.add_row(*cells)
@@ -154,7 +158,8 @@ def query_command(
     metric: Annotated[str | None, typer.Option(
         help="cosine (default), dot or euclidean.")] = None,
     out: Annotated[Path | None, typer.Option(
-        help="Write the result's activations to slice.npy or slice.parquet.")] = None,
+        help="Write the result's activations to slice.npy (ids beside it in "
+             "slice.ids.json), slice.npz or slice.parquet.")] = None,
     dtype: Annotated[str | None, typer.Option(
         help="Export dtype: float32 (default) or stored.")] = None,
 ) -> None:
@@ -192,4 +197,7 @@ def query_command(
     print_table(s, rows, scores, len(rows), len(rows) if limit is not None else SHOWN_ROWS)
     if out is not None:
         written = export(out, s, layer or 0, pooling, rows, scores, dtype or "float32")
-        typer.echo(f"wrote {written} rows to {out}")
+        from actcache.query._export import ids_path
+
+        beside = f" (ids in {ids_path(out)})" if out.suffix == ".npy" else ""
+        typer.echo(f"wrote {written} rows to {out}{beside}")
