@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import socket
@@ -343,7 +344,8 @@ def _execute(
         rows = sum(r.rows for r in receipts)
         raise RunInterrupted(f"interrupted; {rows} rows committed, rerun to finish") from None
     except BaseException as e:
-        mark_valid(group)
+        with contextlib.suppress(Exception):  # the run's own error is the one to report
+            mark_valid(group)
         _record(group, record.model_copy(update={
             "ended": _now(), "status": "failed", **_committed(plan, receipts),
             "errors": (f"{type(e).__name__}: {e}",),

@@ -340,7 +340,7 @@ def _tensors(fitted: dict[str, tuple[list[float] | None, list[ZWeights]]], data:
             strengths[probe] = {str(layer): c for layer, c in zip(data.layers, chosen, strict=True)}
     meta = {
         "store_url": str(store.url),
-        "model": str(store.manifest.get("model", {}).get("name", "")),
+        "model": _model_name(store),
         "pooling": data.pooling,
         "label_column": config.label,
         "classes": json.dumps([c if isinstance(c, str | int | float | bool) else str(c)
@@ -352,3 +352,9 @@ def _tensors(fitted: dict[str, tuple[list[float] | None, list[ZWeights]]], data:
         "actcache_version": __version__,
     }
     return tensors, meta
+
+
+def _model_name(store: Any) -> str:
+    """The store's model as its job named it ('' when the store does not say)."""
+    model = (getattr(store, "manifest", None) or {}).get("model")
+    return str(model.get("name", "") if isinstance(model, dict) else model or "")
