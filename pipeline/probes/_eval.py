@@ -40,6 +40,9 @@ class Segment:
     """Binary only: (layers, rows) test scores, block by block."""
     labels: list[np.ndarray] = field(default_factory=list)
     """Binary only: the test labels of ``scores``, in the same order."""
+    test_rows: list[np.ndarray] = field(default_factory=list)
+    """Row indices of the test rows in ``hits``/``scores``, block by block: intervals sort by
+    them, so they do not depend on the order blocks were streamed in."""
     hits: list[np.ndarray] = field(default_factory=list)
     """Classification, real labels: (layers, rows) correct test predictions, block by block,
     for the bootstrap intervals."""
@@ -47,7 +50,8 @@ class Segment:
     """Classification, real labels: (train, test) rows per class, for the majority baseline."""
 
 
-def _update(seg: Segment, s: torch.Tensor, y: np.ndarray, n_train: int, k: int) -> None:
+def _update(seg: Segment, s: torch.Tensor, y: np.ndarray, n_train: int, k: int,
+            rows: np.ndarray) -> None:
     """Accumulate one block's scores (layers, rows, out) for rows labelled ``y``."""
     yt = torch.from_numpy(y).to(s.device)
     if s.shape[-1] == 1:
@@ -56,6 +60,7 @@ def _update(seg: Segment, s: torch.Tensor, y: np.ndarray, n_train: int, k: int) 
         pred = s.argmax(-1)
     hit = (pred == yt).double()
     if seg.task == 0:
+        seg.test_rows.append(np.asarray(rows[n_train:]))
         seg.hits.append(hit[:, n_train:].bool().cpu().numpy())
         for part, labels in ((0, y[:n_train]), (1, y[n_train:])):
             seg.class_counts[part] += np.bincount(labels[labels >= 0], minlength=k)[:k]
@@ -109,7 +114,7 @@ def score_pass(source: BlockSource, data: ProbeData, weights: torch.Tensor, bias
         seg.sse, seg.sy, seg.syy = np.zeros((n_l, width)), np.zeros(width), np.zeros(width)
         seg.train_sse = np.zeros((n_l, width))
         seg.train_sy, seg.train_syy = np.zeros(width), np.zeros(width)
-        seg.scores, seg.labels, seg.hits = [], [], []
+        seg.scores, seg.labels, seg.hits, seg.test_rows = [], [], [], []
         seg.class_counts = np.zeros((2, k))
     for block in source.blocks(0):
         if block.n_test + block.n_train == 0:
@@ -122,7 +127,7 @@ def score_pass(source: BlockSource, data: ProbeData, weights: torch.Tensor, bias
                 _update_regression(seg, s[..., seg.cols], target, shift, block.n_train)
                 continue
             labels = data.y if seg.task == 0 else data.control
-            _update(seg, s[..., seg.cols], labels[order], block.n_train, k)
+            _update(seg, s[..., seg.cols], labels[order], block.n_train, k, order)
 
 
 def r2(sse: np.ndarray, sy: np.ndarray, syy: np.ndarray, n: int) -> float:
@@ -145,7 +150,9 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 
 BOOTSTRAP_RESAMPLES = 1000
-BOOTSTRAP_MAX_ROWS = 20_000
+BOOTSTRAP_MAX_ROWS = 5_000
+CHUNK_ELEMENTS = 1_000_000
+"""Resampled rows held at once (per layer): bounds the bootstrap's memory."""
 """Above this many test rows the intervals come from the normal approximations (Wilson for
 accuracy, Hanley & McNeil 1982 for AUROC), which match the bootstrap at such sizes, at a
 fraction of its time and memory."""
@@ -171,15 +178,24 @@ def bootstrap_intervals(hits: np.ndarray, scores: np.ndarray | None, positive: n
     n_layers, n = hits.shape
     if n > BOOTSTRAP_MAX_ROWS:
         return normal_intervals(hits, scores, positive)
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n, size=(resamples, n)) if n else np.zeros((resamples, 0), int)
-    acc = hits[:, draws].mean(axis=2) if n else np.full((n_layers, resamples), np.nan)
-    acc_ci = np.percentile(acc, [2.5, 97.5], axis=1).T
     auc_ci = np.full((n_layers, 2), np.nan)
-    if scores is not None and positive is not None and n:
-        for i in range(n_layers):
-            aucs = np.array([auroc(scores[i, d], positive[d]) for d in draws])
-            auc_ci[i] = np.nanpercentile(aucs, [2.5, 97.5])
+    if not n:
+        return np.full((n_layers, 2), np.nan), auc_ci
+    rng = np.random.default_rng(seed)
+    binary = scores is not None and positive is not None
+    acc = np.empty((n_layers, resamples))
+    aucs = np.empty((n_layers, resamples))
+    step = max(1, CHUNK_ELEMENTS // (n * n_layers))
+    for lo in range(0, resamples, step):
+        draws = rng.integers(0, n, size=(min(step, resamples - lo), n))
+        acc[:, lo : lo + len(draws)] = hits[:, draws].mean(axis=2)
+        if binary:
+            for i in range(n_layers):
+                aucs[i, lo : lo + len(draws)] = [auroc(scores[i, d], positive[d])  # type: ignore[index]
+                                                 for d in draws]
+    acc_ci = np.percentile(acc, [2.5, 97.5], axis=1).T
+    if binary:
+        auc_ci = np.nanpercentile(aucs, [2.5, 97.5], axis=1).T
     return acc_ci, auc_ci
 
 
@@ -211,9 +227,10 @@ def with_intervals(metrics: pd.DataFrame, segments: list[Segment], seed: int) ->
     for seg in segments:
         if seg.task != 0 or not seg.hits:
             continue
-        hits = np.concatenate(seg.hits, axis=1)
-        scores = np.concatenate(seg.scores, axis=1) if seg.scores else None
-        positive = np.concatenate(seg.labels) == 1 if seg.labels else None
+        order = np.argsort(np.concatenate(seg.test_rows), kind="stable")
+        hits = np.concatenate(seg.hits, axis=1)[:, order]
+        scores = np.concatenate(seg.scores, axis=1)[:, order] if seg.scores else None
+        positive = (np.concatenate(seg.labels) == 1)[order] if seg.labels else None
         acc_ci, auc_ci = bootstrap_intervals(hits, scores, positive, seed)
         at = (metrics["probe"] == seg.probe).to_numpy().nonzero()[0]
         metrics.loc[at, "majority_baseline"] = majority_baseline(seg.class_counts)

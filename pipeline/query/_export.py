@@ -50,7 +50,8 @@ def encode(x: np.ndarray, dtype: str) -> np.ndarray:
 def check_target(path: Path, dtype: str) -> None:
     """Refuse an unknown format or dtype before anything is read."""
     if path.suffix not in FORMATS:
-        raise ConfigError(f"--out {str(path)!r} must end in {' or '.join(FORMATS)}")
+        raise ConfigError(f"--out {str(path)!r} must end in {', '.join(FORMATS[:-1])} or "
+                          f"{FORMATS[-1]}")
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
 
