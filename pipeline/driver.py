@@ -338,6 +338,9 @@ def _execute(
             _run_units(job, current, plan, storage_options, inline, worker_cls, receipts)
     except KeyboardInterrupt:
         with sigint_deferred():
+            # The actors are stopped by now; a unit may have committed after its receipt
+            # stopped being awaited, so the store's markers are the count.
+            receipts = _committed_by(group, record.run_id)
             mark_valid(group)
             _record(group, record.model_copy(update={
                 "ended": _now(), "status": "interrupted", **_committed(plan, receipts)}))
@@ -418,6 +421,12 @@ def _session_dir() -> str:
 
     node = getattr(worker, "_global_node", None)
     return str(node.get_session_dir_path()) if node is not None else "(unknown)"
+
+
+def _committed_by(group: Any, run_id: str) -> list[UnitReceipt]:
+    from actcache.store import read_units
+
+    return [r for r in read_units(group) if r.run_id == run_id]
 
 
 def _committed(plan: Plan, receipts: list[UnitReceipt]) -> dict[str, int]:
