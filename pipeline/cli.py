@@ -24,7 +24,24 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from actcache import __version__
+
+        typer.echo(f"actcache {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Cache per-layer hidden states into Zarr stores, train probes, query activations."""
 
 
 @app.command()
@@ -40,8 +57,15 @@ def cache(
 ) -> None:
     """Cache the hidden states a job asks for into its store (resumes and appends)."""
     from actcache.driver import load_job, run_job
+    from actcache.schemas.errors import RunInterrupted
 
-    run_job(load_job(job), overwrite=overwrite, dry_run=dry_run, echo=typer.echo, repair=repair)
+    try:
+        run_job(load_job(job), overwrite=overwrite, dry_run=dry_run, echo=typer.echo,
+                repair=repair)
+    except RunInterrupted as e:
+        # Said here: click turns a KeyboardInterrupt into a bare exit status 130.
+        typer.echo(str(e), err=True)
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -104,15 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+    except KeyboardInterrupt as e:
+        typer.echo(str(e) or "interrupted", err=True)
         return 130
+    except typer.TyperException as e:
+        # Usage errors (unknown option or command, a value of the wrong type): click's own
+        # message, with its suggestions, and click's exit status (2); no log file.
+        show = getattr(e, "show", None)
+        if show is not None:
+            show()
+        else:
+            typer.echo(f"error: {e.format_message()}", err=True)
+        return int(getattr(e, "exit_code", 2))
     except Exception as e:
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
         folder = log_dir()
         folder.mkdir(parents=True, exist_ok=True)
         log = folder / f"actcache-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"

@@ -77,11 +77,14 @@ def create_store(group: Any, manifest: Manifest) -> None:
         (layout.IDS_KEY, string_opts),
         (layout.HASH_KEY, string_opts),
         (layout.META_KEY, string_opts),
+        (layout.INPUT_KEY, string_opts),
         (layout.SEQ_KEY, {"dtype": "int64", "fill_value": -1}),
         (layout.TRUNCATED_KEY, {"dtype": "bool", "fill_value": False}),
+        (layout.VALID_KEY, {"dtype": "bool", "fill_value": False}),
     ):
         rows.create_array(
-            key.split("/", 1)[1], shape=(0,), chunks=(chunk,), shards=(rpu,), **opts
+            key.split("/", 1)[1], shape=(0,), chunks=(chunk,), shards=(rpu,),
+            dimension_names=(layout.ROW_DIM,), **opts
         )
     np_dtype = "uint16" if manifest.dtype == "bfloat16" else manifest.dtype
     attrs = {layout.DTYPE_ATTR: manifest.dtype}
@@ -104,19 +107,22 @@ def create_store(group: Any, manifest: Manifest) -> None:
                 # of decoding to plausible values (cost: benchmarks/bench_checksum.py).
                 compressors=(compressor(), *CHECKSUM_CODECS),
                 attributes=attrs,
-                dimension_names=("slot" if pooling != "tokens" else "token_slot", "hidden"),
+                dimension_names=(layout.ROW_DIM if pooling != "tokens" else "token_slot", "hidden"),
             )
     if manifest.modality == "image":
         rows.create_array("grid", shape=(0, 2), chunks=(chunk, 2), shards=(rpu, 2), dtype="int32",
                           fill_value=0, dimension_names=("slot", "axis"))
     if "tokens" in manifest.poolings:
-        rows.create_array("token_offset", shape=(0,), chunks=(chunk,), shards=(rpu,), dtype="int64", fill_value=-1)
-        rows.create_array("token_length", shape=(0,), chunks=(chunk,), shards=(rpu,), dtype="int32", fill_value=0)
+        for name, dtype, fill in (("token_offset", "int64", -1), ("token_length", "int32", 0)):
+            rows.create_array(name, shape=(0,), chunks=(chunk,), shards=(rpu,), dtype=dtype,
+                              fill_value=fill, dimension_names=(layout.ROW_DIM,))
     group.attrs.update({layout.MANIFEST_ATTR: manifest.model_dump(mode="json"), layout.RUNS_ATTR: []})
 
 
 def row_array_keys(manifest: dict[str, Any]) -> list[str]:
     keys = [layout.IDS_KEY, layout.HASH_KEY, layout.META_KEY, layout.SEQ_KEY, layout.TRUNCATED_KEY]
+    if int(manifest.get("format_version", 1)) >= 2:
+        keys += [layout.INPUT_KEY, layout.VALID_KEY]
     if "tokens" in manifest["poolings"]:
         keys += [layout.TOKEN_OFFSET_KEY, layout.TOKEN_LENGTH_KEY]
     if manifest.get("modality") == "image":
@@ -128,6 +134,26 @@ def row_array_keys(manifest: dict[str, Any]) -> list[str]:
         for layer in manifest["layers"]
     ]
     return keys
+
+
+def mark_valid(group: Any) -> None:
+    """Write ``rows/valid``: True exactly at the slots of the live rows (complete units,
+    superseded rows left out), for readers that do not interpret the commit markers.
+
+    The driver calls it when a run ends, holding the lease; a format-1 store has no such
+    array and is left as it is.
+    """
+    import numpy as np
+
+    from actcache.store import live_slots, read_units
+
+    if layout.VALID_KEY not in group:
+        return
+    arr = group[layout.VALID_KEY]
+    valid = np.zeros(arr.shape, dtype=bool)
+    slots, _ = live_slots(group, read_units(group))
+    valid[slots] = True
+    arr[:] = valid
 
 
 def grow(group: Any, manifest: dict[str, Any], n_units: int) -> dict[str, Any]:

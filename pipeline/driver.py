@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import os
@@ -9,6 +10,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,13 +19,26 @@ import yaml
 from pydantic import ValidationError
 
 from actcache import __version__
-from actcache.create import CODEC, check_compatible, chunk_rows_for, create_store, grow
+from actcache.create import (
+    CODEC,
+    check_compatible,
+    chunk_rows_for,
+    create_store,
+    grow,
+    mark_valid,
+)
 from actcache.inputs import load_inputs
 from actcache.lease import Lease
 from actcache.plan import Plan, StoredRows, empty_stored, make_plan
 from actcache.progress import Progress
+from actcache.runlog import note, ray_output_to, run_log, sigint_deferred
 from actcache.schemas import store as layout
-from actcache.schemas.errors import ConfigError, StorageFullError, StoreMismatchError
+from actcache.schemas.errors import (
+    ConfigError,
+    RunInterrupted,
+    StorageFullError,
+    StoreMismatchError,
+)
 from actcache.schemas.job import JobConfig, ModelDtype
 from actcache.schemas.store import Manifest, ModelInfo, RunRecord, UnitReceipt
 from actcache.workers.media import IMAGE_BACKEND
@@ -88,10 +103,12 @@ class RunSummary:
 
     def line(self) -> str:
         p = self.plan
+        meta = len(p.metadata_updates)
         return (
-            f"{self.rows} rows cached in {self.units} units ({self.bytes / 1e6:.1f} MB) in "
-            f"{self.wall_s:.1f}s; {p.added} added, {p.updated} updated, {p.skipped} skipped, "
-            f"{p.missing} missing from input; {self.truncated} truncated inputs -> {self.store}"
+            f"{self.rows} rows cached in {self.units} units ({self.bytes / 1e6:.1f} MB "
+            f"uncompressed) in {self.wall_s:.1f}s; {p.added} added, {p.updated} updated, "
+            f"{p.skipped} skipped" + (f" ({meta} with new metadata only)" if meta else "")
+            + f", {p.missing} missing from input; {self.truncated} truncated inputs -> {self.store}"
         )
 
 
@@ -249,11 +266,12 @@ def _write_plan(group: Any, plan: Plan) -> None:
         seq_arr[lo:hi] = np.array(task.seq, dtype=np.int64)
 
 
-def connect_ray() -> None:
+def connect_ray() -> bool:
+    """Join the Ray cluster this runs in, else start a local instance; True when started."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = os.environ.get("RAY_ADDRESS")
     if address and address.startswith(("http://", "https://")):
         raise ConfigError(
@@ -261,7 +279,9 @@ def connect_ray() -> None:
             f"`actcache submit JOB.yaml --address {address}` instead"
         )
     # Outside a cluster this starts a local instance; the dashboard is not needed for it.
-    ray.init(address=address or None, include_dashboard=False, log_to_driver=True)
+    # The actors' output (model loading bars, warnings) stays in Ray's session logs.
+    ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+    return True
 
 
 def estimate_bytes(manifest: Manifest, plan: Plan, adapter: Any) -> int:
@@ -318,18 +338,14 @@ def run_job(
                 uncommit_corrupt(job.store, set(inputs.ids), storage_options, echo)
             fresh, plan = _prepare(job, manifest, inputs, overwrite, storage_options, run_id)
             for_workers = worker_manifest(manifest, plan)
-            pool = (_make_pool(job, manifest, for_workers, storage_options, inline, worker_cls)
-                    if plan.tasks else None)
-            try:
+            with _workers(job, manifest, for_workers, plan, storage_options, inline,
+                          worker_cls) as pool:
                 # Every worker checks itself before anything is written: a refused model
                 # leaves the store as it was.
                 if pool is not None:
                     manifest = manifest.model_copy(update={"self_check": pool.check()})
                 return _execute(job, manifest, plan, fresh, storage_options, pool, echo,
                                 started, lease)
-            finally:
-                if pool is not None:
-                    pool.shutdown()
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
@@ -366,10 +382,10 @@ def _prepare(
     return fresh, make_plan(inputs, stored, job.rows_per_unit, run_id)
 
 
-def plan_workers(job: JobConfig, manifest: Manifest, inline: bool) -> tuple[int, dict[str, Any]] | None:
+def plan_workers(job: JobConfig, manifest: Manifest, inline: bool) -> tuple[int, dict[str, Any]]:
     """Check the job against the GPUs before anything is written: (actors, Ray options).
 
-    None for an in-process run. The weights to load are estimated from the checkpoint's
+    In process, one worker. The weights to load are estimated from the checkpoint's
     headers (only the blocks the deepest layer needs), against one GPU's memory.
     """
     from actcache.pool import (
@@ -400,7 +416,7 @@ def plan_workers(job: JobConfig, manifest: Manifest, inline: bool) -> tuple[int,
         folder = model_folder(job.model, job.revision)
         weights = weight_bytes(folder, depth, n_layers, manifest.model_dtype, job.quantize)
         check_fits(job, weights, depth, gpu_memory_bytes() if inline else cluster_gpu_memory())
-    return None if inline else (count, options)
+    return count, options
 
 
 def worker_manifest(manifest: Manifest, plan: Plan) -> dict[str, Any]:
@@ -422,18 +438,6 @@ def _check_here(for_workers: dict[str, Any]) -> dict[str, Any]:
     from actcache.workers.actor import CachingWorker
 
     return CachingWorker(None, for_workers).check()
-
-
-def _make_pool(job: JobConfig, manifest: Manifest, for_workers: dict[str, Any],
-               storage_options: dict[str, Any] | None, inline: bool, worker_cls: type | None) -> Any:
-    from actcache.pool import ActorPool, InlinePool
-    from actcache.workers.actor import CachingWorker
-
-    cls = worker_cls or CachingWorker
-    workers = plan_workers(job, manifest, inline)
-    if workers is None:
-        return InlinePool(job.store, for_workers, storage_options, cls)
-    return ActorPool(job.store, for_workers, storage_options, *workers, cls)
 
 
 def _print_plan(echo: Any, job: JobConfig, manifest: Manifest, plan: Plan, nbytes: int,
@@ -487,34 +491,27 @@ def _execute(
         _write_plan(group, plan)
         _apply_metadata_updates(group, plan)
         if pool is not None:
-            if hasattr(pool, "on_lost"):
-
-                def on_lost(unit: int, why: str) -> None:
-                    redone.append(unit)
-                    print(f"caching: a worker was lost ({why}); unit {unit} is redone on "
-                          "another", file=sys.stderr, flush=True)
-
-                pool.on_lost = on_lost
-            off = pool.offloaded() if job.offload else 0
-            note = f"{off} modules offloaded to CPU/disk (slow)" if off else ""
-            progress = Progress(plan.pending_rows, len(plan.tasks), note)
-
-            def on_receipt(receipt: UnitReceipt) -> None:
-                if lease is not None:
-                    lease.check()
-                receipts.append(receipt)
-                progress.update(receipt)
-
-            try:
-                pool.run(plan.tasks, on_receipt)
-            finally:
-                progress.close()
+            _run_units(job, plan, pool, lease, receipts, redone)
+    except KeyboardInterrupt:
+        with sigint_deferred():
+            # The actors are stopped by now; a unit may have committed after its receipt
+            # stopped being awaited, so the store's markers are the count.
+            receipts = _committed_by(group, record.run_id)
+            mark_valid(group)
+            _record(group, record.model_copy(update={
+                "ended": _now(), "status": "interrupted", **_committed(plan, receipts),
+                "units_redone": tuple(redone)}))
+        rows = sum(r.rows for r in receipts)
+        raise RunInterrupted(f"interrupted; {rows} rows committed, rerun to finish") from None
     except BaseException as e:
+        with contextlib.suppress(Exception):  # the run's own error is the one to report
+            mark_valid(group)
         _record_failure(group, record.model_copy(update={
-            "ended": _now(), "status": "failed", "units": len(receipts),
+            "ended": _now(), "status": "failed", **_committed(plan, receipts),
             "errors": (f"{type(e).__name__}: {e}",), "units_redone": tuple(redone),
         }))
         raise
+    mark_valid(group)
     truncated = _finish(group, job, storage_options)
     _record(group, record.model_copy(update={
         "ended": _now(), "status": "succeeded", "units": len(receipts),
@@ -528,6 +525,98 @@ def _execute(
     )
     echo(summary.line())
     return summary
+
+
+def _run_units(job: JobConfig, plan: Plan, pool: Any, lease: Lease | None,
+               receipts: list[UnitReceipt], redone: list[int]) -> None:
+    """Compute the plan's units on ``pool``, appending each receipt as its unit commits."""
+    if hasattr(pool, "on_lost"):
+
+        def on_lost(unit: int, why: str) -> None:
+            redone.append(unit)
+            print(f"caching: a worker was lost ({why}); unit {unit} is redone on another",
+                  file=sys.stderr, flush=True)
+
+        pool.on_lost = on_lost
+    off = pool.offloaded() if job.offload else 0
+    progress = Progress(plan.pending_rows, len(plan.tasks),
+                        f"{off} modules offloaded to CPU/disk (slow)" if off else "")
+
+    def on_receipt(receipt: UnitReceipt) -> None:
+        if lease is not None:
+            lease.check()
+        receipts.append(receipt)
+        progress.update(receipt)
+
+    try:
+        pool.run(plan.tasks, on_receipt, progress.computed)
+    finally:
+        progress.close()
+
+
+@contextlib.contextmanager
+def _workers(job: JobConfig, manifest: Manifest, for_workers: dict[str, Any], plan: Plan,
+             storage_options: dict[str, Any] | None, inline: bool,
+             worker_cls: type | None) -> Iterator[Any]:
+    """The pool that computes the plan's units (None when there is nothing to compute).
+
+    A local Ray instance started here is stopped here too, whatever ends the run: a
+    Python caller who wants one Ray instance across runs starts it first (``ray.init()``).
+    Ray's messages go to the run's log file, not the terminal.
+    """
+    from actcache.pool import ActorPool, InlinePool
+    from actcache.workers.actor import CachingWorker
+
+    cls = worker_cls or CachingWorker
+    if not plan.tasks:
+        yield None
+        return
+    if inline:
+        plan_workers(job, manifest, inline=True)
+        yield InlinePool(job.store, for_workers, storage_options, cls)
+        return
+    import ray
+
+    log = run_log(plan.tasks[0].run_id)
+    with ray_output_to(log):
+        started_ray, pool = False, None
+        try:
+            started_ray = connect_ray()
+            note(log, f"Ray session logs (the actors' output): {_session_dir()}")
+            count, options = plan_workers(job, manifest, inline=False)
+            pool = ActorPool(job.store, for_workers, storage_options, count, options, cls)
+            yield pool
+        finally:
+            with sigint_deferred():
+                if pool is not None:
+                    pool.shutdown()
+                if started_ray:
+                    ray.shutdown()
+
+
+def _session_dir() -> str:
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    return str(node.get_session_dir_path()) if node is not None else "(unknown)"
+
+
+def _committed_by(group: Any, run_id: str) -> list[UnitReceipt]:
+    from actcache.store import read_units
+
+    return [r for r in read_units(group) if r.run_id == run_id]
+
+
+def _committed(plan: Plan, receipts: list[UnitReceipt]) -> dict[str, int]:
+    """The run record's counts for the units committed so far."""
+    done = {r.unit for r in receipts}
+    ids = [i for task in plan.tasks if task.unit in done for i in task.ids]
+    updated = sum(1 for i in ids if i in plan.updated_ids)
+    return {
+        "units": len(receipts), "rows_added": len(ids) - updated, "rows_updated": updated,
+        "rows_skipped": plan.skipped, "rows_missing": plan.missing,
+        "rows_metadata_updated": len(plan.metadata_updates),
+    }
 
 
 def _apply_metadata_updates(group: Any, plan: Plan) -> None:

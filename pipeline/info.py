@@ -36,7 +36,8 @@ def describe(url: str, storage_options: dict[str, Any] | None = None) -> str:
         f"rows:        {s.n_rows} complete",
         f"units:       {len(s.receipts)}/{planned} complete ({m['rows_per_unit']} rows each)"
         + ("" if s.complete else "  INCOMPLETE: rerun the job to finish it"),
-        f"bytes:       {_size(url, storage_options) / 1e6:.1f} MB on storage",
+        f"bytes:       {_size(url, storage_options) / 1e6:.1f} MB on storage (compressed), "
+        f"{sum(r.bytes for r in s.receipts) / 1e6:.1f} MB of activations uncompressed",
         f"columns:     {', '.join(map(str, s.metadata.columns)) or '-'}",
         f"runs:        {len(s.runs)}",
     ]

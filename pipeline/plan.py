@@ -37,6 +37,8 @@ class Plan:
     skipped: int = 0
     missing: int = 0
     metadata_updates: dict[int, str] = field(default_factory=dict)
+    updated_ids: set[str] = field(default_factory=set)
+    """Ids re-cached because their model input changed (the others in tasks are new)."""
 
     @property
     def pending_rows(self) -> int:
@@ -69,6 +71,7 @@ def make_plan(
             # Re-cached alone, superseding the old row; it keeps its place in store order.
             pending.append((row_id, int(stored.seq[at]), digest, meta, text))
             plan.updated += 1
+            plan.updated_ids.add(row_id)
         else:
             plan.skipped += 1
             if stored.meta[at] != meta:

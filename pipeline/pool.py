@@ -21,6 +21,8 @@ from actcache.workers.placement import headroom, offloaded
 from actcache.workers.storage import storage_env
 
 IN_FLIGHT_PER_ACTOR = 2
+POLL_S = 0.5
+"""How often the driver reads the actors' batch counts while no unit commits."""
 MAX_ATTEMPTS = 3
 
 
@@ -100,6 +102,27 @@ def check_quantize(job: JobConfig, gpus: int) -> None:
         )
 
 
+class RowCounter:
+    """Rows forwarded so far in a run, counted batch by batch.
+
+    Actors call ``add`` after every batch (a fire-and-forget ``add.remote`` on the small
+    Ray actor the pool starts; a plain call in-process), so progress moves within a unit
+    without a round trip per batch on the actors' side.
+    """
+
+    def __init__(self, on_change: Callable[[int], None] | None = None) -> None:
+        self.rows = 0
+        self.on_change = on_change
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+        if self.on_change is not None:
+            self.on_change(self.rows)
+
+    def total(self) -> int:
+        return self.rows
+
+
 class ActorPool:
     """Runs unit tasks on ``count`` actors; calls ``on_receipt`` as each unit commits."""
 
@@ -114,7 +137,8 @@ class ActorPool:
     ) -> None:
         import ray
 
-        env = storage_env()
+        # No weight-loading bars in the actors' logs: progress is the driver's to show.
+        env = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", **storage_env()}
         # On a GPU two calls run at once: one unit's shards are written on the CPU while
         # the next unit's forward passes run on the GPU. On a CPU the second call's
         # tokenizer and writer would compete with the forward pass for the same cores
@@ -122,7 +146,7 @@ class ActorPool:
         # queued in the actor, so the actor never idles between units.
         self._cls = ray.remote(worker_cls).options(
             max_concurrency=IN_FLIGHT_PER_ACTOR if options.get("num_gpus") else 1,
-            runtime_env={"env_vars": env} if env else None,
+            runtime_env={"env_vars": env},
             **options,
         )
         threads = int(options.get("num_cpus", 1))
@@ -130,6 +154,7 @@ class ActorPool:
         self.actors = [self._new() for _ in range(count)]
         self.on_lost: Callable[[int, str], None] | None = None
         """Called with (unit, why) for each unit whose actor died (a lost worker or node)."""
+        self.counter = ray.remote(num_cpus=0)(RowCounter).remote()
 
     def _new(self) -> Any:
         return self._cls.remote(*self._args)
@@ -160,7 +185,10 @@ class ActorPool:
             raise (e.cause if isinstance(e.cause, BaseException) else e) from None
         return sum(len(p["offloaded"]) for p in placed)
 
-    def run(self, tasks: list[UnitTask], on_receipt: Callable[[UnitReceipt], None]) -> None:
+    def run(self, tasks: list[UnitTask], on_receipt: Callable[[UnitReceipt], None],
+            on_rows: Callable[[int], None] | None = None) -> None:
+        """Compute ``tasks``; ``on_receipt`` as each unit commits, ``on_rows`` with the rows
+        forwarded so far while none does."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
@@ -171,7 +199,7 @@ class ActorPool:
         def submit(slot: int) -> None:
             task = queue.pop()
             attempts[task.unit] = attempts.get(task.unit, 0) + 1
-            ref = self.actors[slot].process.remote(task.model_dump())
+            ref = self.actors[slot].process.remote(task.model_dump(), self.counter)
             in_flight[ref] = (slot, task)
 
         for slot in range(len(self.actors)):
@@ -179,7 +207,11 @@ class ActorPool:
                 if queue:
                     submit(slot)
         while in_flight:
-            done, _ = ray.wait(list(in_flight), num_returns=1)
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=POLL_S)
+            if not done:
+                if on_rows is not None:
+                    on_rows(int(ray.get(self.counter.total.remote())))
+                continue
             ref = done[0]
             slot, task = in_flight.pop(ref)
             try:
@@ -214,7 +246,8 @@ class ActorPool:
             if s == slot:
                 # The old actor is dead, so this call fails too; resubmit it on the new actor.
                 in_flight.pop(ref)
-                in_flight[self.actors[slot].process.remote(task.model_dump())] = (slot, task)
+                ref = self.actors[slot].process.remote(task.model_dump(), self.counter)
+                in_flight[ref] = (slot, task)
                 resubmitted.append(task.unit)
         ray.kill(old, no_restart=True)
         return resubmitted
@@ -222,7 +255,7 @@ class ActorPool:
     def shutdown(self) -> None:
         import ray
 
-        for actor in self.actors:
+        for actor in [*self.actors, self.counter]:
             ray.kill(actor, no_restart=True)
 
 
@@ -246,9 +279,11 @@ class InlinePool:
             raise self.worker.load_error
         return len(offloaded(self.worker.model))
 
-    def run(self, tasks: list[UnitTask], on_receipt: Callable[[UnitReceipt], None]) -> None:
+    def run(self, tasks: list[UnitTask], on_receipt: Callable[[UnitReceipt], None],
+            on_rows: Callable[[int], None] | None = None) -> None:
+        counter = RowCounter(on_rows)
         for task in tasks:
-            on_receipt(UnitReceipt.model_validate(self.worker.process(task)))
+            on_receipt(UnitReceipt.model_validate(self.worker.process(task, counter)))
 
     def shutdown(self) -> None:
         pass

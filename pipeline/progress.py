@@ -1,4 +1,8 @@
-"""Progress of a caching run: a rich bar on a terminal, a plain line every few seconds otherwise."""
+"""Progress of a caching run: a rich bar on a terminal, a plain line every few seconds otherwise.
+
+Rows move as actors finish batches (``computed``), not only when a unit commits
+(``update``), so a long unit still shows its pace; the units column counts commits.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ class Progress:
         # Said on every line: something the user should know while waiting (an offload).
         self.note = f" · {note}" if note else ""
         self.rows_done = self.units_done = 0
+        self.rows_computed = 0
         self.started = time.perf_counter()
         self._last_line = 0.0
         console = Console(stderr=True)
@@ -35,8 +40,9 @@ class Progress:
                 TextColumn("caching"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("rows · {task.fields[units]} · {task.fields[rate]} rows/s" + self.note),
+                TextColumn("rows · {task.fields[rate]} rows/s · {task.fields[units]}" + self.note),
                 TimeElapsedColumn(),
+                TextColumn("ETA"),
                 TimeRemainingColumn(),
                 console=console,
             )
@@ -44,25 +50,39 @@ class Progress:
             self._bar.start()
 
     def _units(self) -> str:
-        return f"{self.units_done}/{self.units} units"
+        return f"{self.units_done}/{self.units} units committed"
+
+    @property
+    def shown_rows(self) -> int:
+        """Rows forwarded so far (a retried unit counts once), at least those committed."""
+        return min(self.rows, max(self.rows_done, self.rows_computed))
 
     def rate(self) -> float:
-        return self.rows_done / max(time.perf_counter() - self.started, 1e-9)
+        return self.shown_rows / max(time.perf_counter() - self.started, 1e-9)
+
+    def computed(self, rows: int) -> None:
+        """Rows the actors have forwarded so far in this run, committed or not."""
+        self.rows_computed = rows
+        self._show()
 
     def update(self, receipt: UnitReceipt) -> None:
         self.rows_done += receipt.rows
         self.units_done += 1
+        self._show(force=self.units_done == self.units)
+
+    def _show(self, force: bool = False) -> None:
         if self._bar is not None:
-            self._bar.update(
-                self._task, completed=self.rows_done, units=self._units(), rate=f"{self.rate():.0f}"
-            )
+            self._bar.update(self._task, completed=self.shown_rows, units=self._units(),
+                             rate=f"{self.rate():.1f}")
             return
         now = time.perf_counter()
-        if now - self._last_line >= PLAIN_EVERY_S or self.units_done == self.units:
+        if force or now - self._last_line >= PLAIN_EVERY_S:
             self._last_line = now
+            left = (self.rows - self.shown_rows) / self.rate() if self.rate() > 0 else float("nan")
+            eta = f", ETA {left:.0f}s" if left == left and self.shown_rows < self.rows else ""
             print(
-                f"caching: {self.rows_done}/{self.rows} rows, {self._units()}, "
-                f"{self.rate():.0f} rows/s{self.note}",
+                f"caching: {self.shown_rows}/{self.rows} rows, {self.rate():.1f} rows/s{eta}, "
+                f"{self._units()}{self.note}",
                 file=sys.stderr,
                 flush=True,
             )

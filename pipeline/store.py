@@ -267,6 +267,18 @@ class Store:
     def truncated(self, rows: RowsLike = None) -> np.ndarray:
         return _gather(self._array(layout.TRUNCATED_KEY), self._physical(rows)).astype(bool)
 
+    @property
+    def has_inputs(self) -> bool:
+        """Whether rows keep their model input: format 2 and not opted out by the job."""
+        job = self.manifest.get("job") or {}
+        return layout.INPUT_KEY in self.group and bool(job.get("store_inputs", True))
+
+    def inputs(self, rows: RowsLike = None) -> np.ndarray | None:
+        """Each row's model input (its text), or None when the store keeps none."""
+        if not self.has_inputs:
+            return None
+        return _gather(self._array(layout.INPUT_KEY), self._physical(rows)).astype(object)
+
     def content_hashes(self) -> np.ndarray:
         return _gather(self._array(layout.HASH_KEY), self._slots).astype(object)
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from actcache import __version__
-from actcache.create import CODEC, chunk_rows_for, create_store, grow
+from actcache.create import CODEC, chunk_rows_for, create_store, grow, mark_valid
 from actcache.schemas import store as layout
 from actcache.schemas.errors import ConfigError
 from actcache.schemas.store import Manifest, ModelInfo, UnitTask
@@ -77,7 +77,7 @@ def synthetic_store(
         rows_per_unit=rows_per_unit,
         chunk_rows=chunk_rows or chunk_rows_for(rows_per_unit),
         codec=CODEC,
-        job={},
+        job={"store_inputs": False},  # no model, so no model input to keep
     )
     create_store(open_group(url, "w", storage_options), manifest)
     group = open_group(url, "r+", storage_options)
@@ -87,6 +87,7 @@ def synthetic_store(
     for unit in range(n_units):
         lo, hi = unit * rows_per_unit, min(n, (unit + 1) * rows_per_unit)
         _write_unit(group, current, unit, lo, hi, ids, metadata, values, lengths, offsets)
+    mark_valid(group)
     return open_store(url, storage_options)
 
 

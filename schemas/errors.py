@@ -8,9 +8,17 @@ Python caller would expect, so ``except KeyError`` keeps working.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
 
 class ActcacheError(Exception):
     """Base of every error actcache raises on purpose."""
+
+
+class RunInterrupted(ActcacheError, KeyboardInterrupt):
+    """Ctrl-C stopped a run; the message says what was committed and how to finish."""
 
 
 class UserError(ActcacheError):
@@ -111,3 +119,24 @@ class ShapeMismatchError(UserError, ValueError):
 
 class ModelTooLargeError(UserError, ValueError):
     """The model's weights do not fit the GPUs an actor reserves (and offload was not asked)."""
+
+
+def rename_fields(message: str, flags: Mapping[str, str]) -> str:
+    """``message`` with each backticked config field in ``flags`` written as its flag."""
+    return re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(0)), message)
+
+
+@contextmanager
+def flag_names(flags: Mapping[str, str]) -> Iterator[None]:
+    """Re-raise a ``UserError`` naming the command-line flag where it named a config field.
+
+    Errors say "`pooling`" for the field of a job or probe config; a user who typed
+    options should read "--pooling". Only the given fields are renamed.
+    """
+    try:
+        yield
+    except UserError as e:
+        renamed = rename_fields(str(e), flags)
+        if renamed == str(e):
+            raise
+        raise type(e)(renamed).with_traceback(e.__traceback__) from None

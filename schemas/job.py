@@ -123,6 +123,9 @@ class JobConfig(Frozen):
     """CPU slots each actor takes; None = the cluster's CPUs shared among the actors."""
     rows_per_unit: int = Field(default=1024, ge=1)
     """Rows per work unit: the unit of work, of commit and of resume (one shard per array)."""
+    store_inputs: bool = True
+    """Keep each row's model input (its text) in the store, so query results can show it.
+    False for data that must not be copied: ``rows/input`` then stays empty."""
 
     @field_validator("layers", mode="before")
     @classmethod

@@ -137,6 +137,15 @@ class ProbeConfig(Frozen):
     def _max_memory(cls, v: object) -> object:
         return parse_bytes(v)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _regression_trains_ridge(cls, values: object) -> object:
+        # A regression trains ridge only, so naming the task is enough to mean it.
+        if (isinstance(values, dict) and values.get("probes") is None
+                and str(values.get("task")) == Task.REGRESSION.value):
+            return {**values, "probes": (ProbeKind.RIDGE,)}
+        return values
+
     @model_validator(mode="after")
     def _cross(self) -> ProbeConfig:
         if self.split_column is not None and "test_fraction" in self.model_fields_set:

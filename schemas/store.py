@@ -12,8 +12,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 FORMAT_VERSION = 2
-"""Bumped with any change of layout (2: crc32c checksums on activation chunks; manifest keys
-``side``, ``self_check``, ``rendered_example``; image and audio stores; see docs/STORE.md)."""
+"""Bumped with any change of layout. 2: crc32c checksums on activation chunks;
+``rows/input``, ``rows/valid``, dimension names on every array; manifest keys ``side``,
+``self_check``, ``rendered_example``; image and audio stores (see docs/STORE.md); stores
+of format 1 stay readable."""
 
 MANIFEST_ATTR = "actcache"
 """Root-group attribute that holds the manifest."""
@@ -32,6 +34,13 @@ TOKEN_OFFSET_KEY = "rows/token_offset"
 TOKEN_LENGTH_KEY = "rows/token_length"
 GRID_KEY = "rows/grid"
 """Image stores: each row's patch grid (rows, columns), int32 (slots, 2)."""
+INPUT_KEY = "rows/input"
+"""Format 2: each row's model input (text), '' when the job set ``store_inputs: false``."""
+VALID_KEY = "rows/valid"
+"""Format 2: True where a slot holds a live row (committed, not superseded), as of the
+last run that ended; for readers without actcache."""
+ROW_DIM = "row"
+"""Dimension name of every row-indexed array (``dimension_names`` in zarr, dims in xarray)."""
 UNITS_GROUP = "units"
 LEASE_KEY = "lease/zarr.json"
 
@@ -156,7 +165,7 @@ class UnitReceipt(Frozen):
     """Host of the actor."""
 
 
-RunStatus = Literal["running", "succeeded", "failed"]
+RunStatus = Literal["running", "succeeded", "failed", "interrupted"]
 
 
 class RunRecord(Frozen):
@@ -169,7 +178,8 @@ class RunRecord(Frozen):
     ended: str | None = None
     """ISO-8601 end time (UTC), None while running or after a crash."""
     status: RunStatus = "running"
-    """running (or crashed, when never ended), succeeded or failed."""
+    """running (or crashed, when never ended), succeeded, failed, or interrupted (Ctrl-C;
+    the counts are those of the units committed before it)."""
     rows_added: int = 0
     """New ids cached."""
     rows_updated: int = 0

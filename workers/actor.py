@@ -144,7 +144,9 @@ class CachingWorker:
         self.checked = record
         return record
 
-    def process(self, task: UnitTask | dict[str, Any]) -> dict[str, Any]:
+    def process(self, task: UnitTask | dict[str, Any], counter: Any = None) -> dict[str, Any]:
+        """Compute, write and commit ``task``; ``counter.add(rows)`` (a Ray actor's, or a
+        plain object's) hears of every forwarded batch."""
         if self.load_error is not None:
             raise self.load_error
         if isinstance(task, dict):
@@ -154,8 +156,9 @@ class CachingWorker:
         encoded = self.adapter.encode(task.inputs)
         writer = UnitWriter(self.group, self.manifest)
         writer.start(task, encoded.lengths, encoded.extra)
+        add = None if counter is None else getattr(counter.add, "remote", counter.add)
         try:
-            self._forward_all(encoded.examples, encoded.lengths, writer)
+            self._forward_all(encoded.examples, encoded.lengths, writer, add)
             receipt: UnitReceipt = writer.complete(encoded.truncated, time.perf_counter() - started)
         except BaseException:
             writer.failed()
@@ -179,7 +182,8 @@ class CachingWorker:
         ]
 
     def _forward_all(
-        self, examples: list[dict[str, Any]], lengths: list[int], writer: UnitWriter
+        self, examples: list[dict[str, Any]], lengths: list[int], writer: UnitWriter,
+        add: Any = None,
     ) -> None:
         # Longest first: batches of similar length waste little on padding, and the peak
         # memory of the unit shows on its first batch rather than its last.
@@ -190,6 +194,8 @@ class CachingWorker:
                 for rows in batches:
                     batch = self.adapter.batch([examples[i] for i in rows])
                     writer.write(rows, self.capture(batch))
+                    if add is not None:
+                        add(len(rows))
             return
         pending: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_DEPTH)
         errors: list[BaseException] = []
@@ -211,6 +217,8 @@ class CachingWorker:
                         break
                     batch = self.adapter.batch([examples[i] for i in rows]).to(self.device)
                     pending.put((rows, self.capture(batch)))
+                    if add is not None:
+                        add(len(rows))
         finally:
             pending.put(None)
             thread.join()

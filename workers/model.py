@@ -47,6 +47,8 @@ def load_config(name: str, revision: str | None = None, trust_remote_code: bool 
     path = resolve_model_path(name)
     if name.startswith((".", "/")) and not os.path.isdir(path):
         raise ModelLoadError(f"model folder {name!r} does not exist; fix `model` in the job")
+    if not os.path.isdir(path):
+        _require_cached(name, revision)
     try:
         return AutoConfig.from_pretrained(
             path, revision=revision, trust_remote_code=trust_remote_code, **_offline(path)
@@ -56,6 +58,28 @@ def load_config(name: str, revision: str | None = None, trust_remote_code: bool 
             f"cannot load model {name!r}: {first_line(e)}; give a local model folder "
             "(with config.json) or a hub id already in the local cache"
         ) from e
+
+
+def _require_cached(name: str, revision: str | None) -> None:
+    """A hub id must already be in the local cache: nothing is downloaded at run time."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        found = try_to_load_from_cache(name, "config.json", revision=revision)
+    except HFValidationError:
+        raise ModelLoadError(
+            f"model {name!r} is neither a local folder nor a hub id (org/name); fix `model` "
+            "in the job"
+        ) from None
+    if not isinstance(found, str):
+        at = f" at revision {revision!r}" if revision else ""
+        raise ModelLoadError(
+            f"model {name!r}{at} is not in the local Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) and actcache never downloads: put it there with "
+            f"`hf download {name}{' --revision ' + revision if revision else ''}` "
+            "(or set HF_HUB_CACHE to a cache that has it), or give a local model folder"
+        )
 
 
 def _offline(name: str) -> dict[str, Any]:

@@ -129,6 +129,8 @@ class UnitWriter:
         self.array(layout.TRUNCATED_KEY)[lo:hi] = np.asarray(truncated, dtype=bool)
         if self.grid is not None and self.manifest.get("modality") == "image":
             self.array(layout.GRID_KEY)[lo:hi] = np.asarray(self.grid, dtype=np.int32).reshape(n, 2)
+        if self.manifest["job"].get("store_inputs", True):
+            self.array(layout.INPUT_KEY)[lo:hi] = np.array(task.inputs, dtype=str)
         if "tokens" in self.manifest["poolings"]:
             base = task.unit * self.token_slots
             self.array(layout.TOKEN_OFFSET_KEY)[lo:hi] = self.offsets + base
@@ -159,5 +161,6 @@ def commit(group: Any, receipt: UnitReceipt) -> None:
         shape=(0,),
         dtype="uint8",
         attributes=json.loads(receipt.model_dump_json()),
+        dimension_names=("marker",),
         overwrite=True,
     )

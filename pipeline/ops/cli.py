@@ -8,6 +8,7 @@ Registered on the main app by ``register(app)``. Failed jobs exit 1 through
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -115,7 +116,9 @@ def jobs_stop(
 def schedule_command(
     job: Annotated[Path, typer.Argument(help="The job YAML.")],
     cron: Annotated[str, typer.Option("--cron", help='Cron schedule, e.g. "0 2 * * *".')],
-    address: AddressOpt = None,
+    address: Annotated[str | None, typer.Option(
+        "--address", help="Ray dashboard URL, http://HEAD:8265 (default: $RAY_ADDRESS); "
+        "without one the line runs `actcache cache` on this machine.")] = None,
     install: Annotated[bool, typer.Option("--install", help="Put the line into your crontab.")] = False,
     kubernetes: Annotated[
         bool, typer.Option("--kubernetes", help="Print a CronJob creating a KubeRay RayJob.")
@@ -144,7 +147,9 @@ def schedule_command(
                               image=image or k8s.IMAGE, workers=workers,
                               gpus_per_worker=gpus_per_worker, namespace=namespace), nl=False)
         return
-    line = cron_ops.cron_line(job, cron, resolve_address(address), log=log,
+    # No cluster named: the line runs `actcache cache` on this machine.
+    cluster = resolve_address(address) if address or os.environ.get("RAY_ADDRESS") else None
+    line = cron_ops.cron_line(job, cron, cluster, log=log,
                               gpus_per_worker=gpus_per_worker)
     if install:
         cron_ops.install(line)

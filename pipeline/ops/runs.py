@@ -15,8 +15,9 @@ from typing import Any
 from actcache.lease import Lease
 from actcache.store import open_store
 
-COLUMNS = ("run_id", "status", "started", "ended", "added", "updated", "skipped", "missing",
-           "errors")
+COLUMNS = ("run_id", "status", "started", "ended", "added", "updated", "meta", "skipped",
+           "missing", "errors")
+"""``meta``: rows whose metadata alone changed, rewritten without recomputing."""
 ERROR_WIDTH = 80
 
 
@@ -56,6 +57,7 @@ def history(url: str, storage_options: dict[str, Any] | None = None) -> list[dic
             "ended": _time(record.get("ended")),
             "added": int(record.get("rows_added", 0)),
             "updated": int(record.get("rows_updated", 0)),
+            "meta": int(record.get("rows_metadata_updated", 0)),
             "skipped": int(record.get("rows_skipped", 0)),
             "missing": int(record.get("rows_missing", 0)),
             "errors": errors,
@@ -75,7 +77,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             first += f" (+{len(errors) - 1} more)"
         cells.append([str(row[c]) for c in COLUMNS[:-1]] + [first])
     widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS) - 1)]
-    numeric = {"added", "updated", "skipped", "missing"}
+    numeric = {"added", "updated", "meta", "skipped", "missing"}
     lines = []
     for r in cells:
         parts = [

@@ -1,6 +1,7 @@
 """Nightly runs with cron: a crontab line that submits the job and waits for it.
 
-The line runs ``python -m actcache.cli submit <job> --address URL --wait`` with the
+The line runs ``python -m actcache.cli submit <job> --address URL --wait`` (without a Ray
+address: ``python -m actcache.cli cache <job>`` on this machine) with the
 interpreter that rendered it (cron's PATH is minimal, so nothing is looked up), appends
 its output to a log file, and ends with a comment tag naming the job file. ``--install``
 puts it into the user's crontab through the ``crontab`` binary, replacing any earlier
@@ -50,16 +51,25 @@ def default_log(job_path: Path) -> Path:
 def cron_line(
     job_path: Path,
     cron: str,
-    address: str,
+    address: str | None,
     *,
     log: Path | None = None,
     gpus_per_worker: float | None = None,
     python: str | None = None,
 ) -> str:
-    """One crontab line that submits ``job_path`` on ``cron`` and waits for the result."""
+    """One crontab line that submits ``job_path`` on ``cron`` and waits for the result;
+    without an address, one that runs ``actcache cache`` on this machine."""
     job = job_path.resolve()
-    args = [python or sys.executable, "-m", "actcache.cli", "submit", str(job),
-            "--address", address, "--wait"]
+    args = [python or sys.executable, "-m", "actcache.cli"]
+    if address is None:
+        if gpus_per_worker is not None:
+            raise ConfigError(
+                "--gpus-per-worker applies to a Ray cluster: give --address too, or drop it "
+                "for a local run"
+            )
+        args += ["cache", str(job)]
+    else:
+        args += ["submit", str(job), "--address", address, "--wait"]
     if gpus_per_worker is not None:
         args += ["--gpus-per-worker", f"{gpus_per_worker:g}"]
     target = (log or default_log(job)).expanduser()

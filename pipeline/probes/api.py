@@ -238,6 +238,8 @@ def _train_probes(store: Any, config: ProbeConfig) -> ProbeResult:
     segments, weights, bias = _stack(fitted, data, device, config.control)
     _eval.score_pass(source, data, weights, bias, segments)
     metrics = _metrics(segments, fitted, data, config.control)
+    if not data.regression:
+        metrics = _eval.with_intervals(metrics, segments, config.seed)
     tensors, meta = _tensors(fitted, data, mom, store, config)
     return ProbeResult(metrics, tensors, meta, data.classes, str(device),
                        "bf16" if dtype == torch.bfloat16 else "fp32", iterations, meta["task"])
@@ -338,6 +340,7 @@ def _tensors(fitted: dict[str, tuple[list[float] | None, list[ZWeights]]], data:
             strengths[probe] = {str(layer): c for layer, c in zip(data.layers, chosen, strict=True)}
     meta = {
         "store_url": str(store.url),
+        "model": _model_name(store),
         "pooling": data.pooling,
         "label_column": config.label,
         "classes": json.dumps([c if isinstance(c, str | int | float | bool) else str(c)
@@ -349,3 +352,9 @@ def _tensors(fitted: dict[str, tuple[list[float] | None, list[ZWeights]]], data:
         "actcache_version": __version__,
     }
     return tensors, meta
+
+
+def _model_name(store: Any) -> str:
+    """The store's model as its job named it ('' when the store does not say)."""
+    model = (getattr(store, "manifest", None) or {}).get("model")
+    return str(model.get("name", "") if isinstance(model, dict) else model or "")

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from actcache.schemas.errors import ConfigError
+from actcache.schemas.errors import ConfigError, flag_names, rename_fields
 from actcache.schemas.probe import Precision, Task
 
 
@@ -48,13 +48,35 @@ def build_config(config: Path | None, overrides: dict[str, Any]) -> Any:
     values.update({k: v for k, v in overrides.items() if v is not None})
     if "label" not in values:
         raise ConfigError("no label column: give --label COL (or `label:` in the --config file)")
+    flags = typed_flags(overrides)
     try:
         return ProbeConfig(**values)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        raise ConfigError(f"invalid probe config: {where + ': ' if where else ''}{msg}") from None
+        raw = str(err["msg"]).removeprefix("Value error, ")
+        msg = rename_fields(raw, flags)
+        if where in flags:
+            prefix = "" if flags[where] in msg else f"{flags[where]}: "
+        elif where:
+            prefix = f"invalid probe config: {where}: "
+        else:  # a cross-field error: name the options when it is about them
+            prefix = "" if msg != raw else "invalid probe config: "
+        raise ConfigError(prefix + msg) from None
+
+
+#: Config fields as the options that set them are spelled on the command line.
+FLAGS = {"label": "--label", "pooling": "--pooling", "layers": "--layers", "probes": "--probe",
+         "task": "--task", "split_column": "--split-column", "test_fraction": "--test-fraction",
+         "max_memory": "--max-memory", "precision": "--precision", "seed": "--seed",
+         "out": "--out"}
+
+
+def typed_flags(overrides: dict[str, Any]) -> dict[str, str]:
+    """The flags for the fields given on the command line, and for the omitted ones whose
+    fix is a flag (``pooling`` when the store has several)."""
+    return {field: flag for field, flag in FLAGS.items()
+            if overrides.get(field) is not None or field == "pooling"}
 
 
 def probe_command(
@@ -90,11 +112,13 @@ def probe_command(
         "max_memory": max_memory, "precision": precision, "seed": seed,
         "out": None if out is None else str(out),
     })
-    from rich.console import Console
-
     from actcache.probes._report import print_report, write_outputs
     from actcache.probes.api import train_probes
+    from actcache.terminal import console
 
-    result = train_probes(store, cfg)
+    overrides = {"pooling": pooling, "layers": layers, "probes": probe, "task": task,
+                 "label": label, "split_column": split_column}
+    with flag_names(typed_flags(overrides)):
+        result = train_probes(store, cfg)
     folder = write_outputs(result, cfg.out)
-    print_report(result, Console(), folder)
+    print_report(result, console(), folder)

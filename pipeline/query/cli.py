@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from actcache.schemas.errors import ConfigError
+from actcache.schemas.errors import ConfigError, flag_names
 
 if TYPE_CHECKING:
     import numpy as np
@@ -108,22 +108,27 @@ def _rank(s: Store, layer: int, pooling: str | None, rows: Any, top_k: int | Non
 
 
 def print_table(s: Store, rows: Any, scores: Any, total: int, shown: int) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from actcache.terminal import console as terminal
+
     meta = s.metadata
+    inputs = s.inputs(rows[:shown])
     table = Table(show_edge=False)
     table.add_column("id", overflow="fold")
+    if inputs is not None:
+        table.add_column("input", overflow="fold")
     for column in meta.columns:
         table.add_column(str(column), overflow="fold")
     if scores is not None:
         table.add_column("score", justify="right")
     for i, row in enumerate(rows[:shown]):
-        cells = [s.ids[int(row)], *(str(v) for v in meta.iloc[int(row)].tolist())]
+        cells = [s.ids[int(row)], *(() if inputs is None else (str(inputs[i]),)),
+                 *(str(v) for v in meta.iloc[int(row)].tolist())]
         if scores is not None:
             cells.append(f"{float(scores[i]):.6g}")
         table.add_row(*cells)
-    console = Console()
+    console = terminal()
     console.print(table)
     more = f" (showing {shown}; use --limit or --out for more)" if total > shown else ""
     console.print(f"{total} row{'s' if total != 1 else ''}{more}")
@@ -153,7 +158,8 @@ def query_command(
     metric: Annotated[str | None, typer.Option(
         help="cosine (default), dot or euclidean.")] = None,
     out: Annotated[Path | None, typer.Option(
-        help="Write the result's activations to slice.npy or slice.parquet.")] = None,
+        help="Write the result's activations to slice.npy (ids beside it in "
+             "slice.ids.json), slice.npz or slice.parquet.")] = None,
     dtype: Annotated[str | None, typer.Option(
         help="Export dtype: float32 (default) or stored.")] = None,
 ) -> None:
@@ -164,20 +170,25 @@ def query_command(
     from actcache.query._export import check_target
     from actcache.store import open_store
 
-    if layer is None:
-        raise ConfigError("--layer is required: give the hidden-state index to read, e.g. --layer 6")
+    # A metadata-only listing reads no activations; ranking and exports do.
+    reads = top_k is not None or direction is not None or nearest is not None or out is not None
+    if layer is None and reads:
+        what = "--out" if out is not None else "--nearest" if nearest is not None else "--top-k"
+        raise ConfigError(f"{what} reads activations: give the layer with --layer, e.g. --layer 6")
     filters = parse_where(where or [])
     if out is not None:
         check_target(out, dtype or "float32")
     if limit is not None and limit < 0:
         raise ConfigError(f"--limit must be 0 or more, got {limit}")
     s = open_store(store)
-    s.resolve_layer(layer)
-    s.resolve_pooling(pooling)
+    if layer is not None:
+        s.resolve_layer(layer)
+        with flag_names({"pooling": "--pooling"}):
+            s.resolve_pooling(pooling)
     wanted = [i.strip() for i in ids.split(",") if i.strip()] if ids is not None else None
     selection = select(s, filters, wanted)
     restrict = selection.rows if (filters or wanted is not None) else None
-    rows, scores = _rank(s, layer, pooling, restrict if restrict is not None else None,
+    rows, scores = _rank(s, layer or 0, pooling, restrict if restrict is not None else None,
                          top_k, direction, probe, class_name, nearest, k, metric)
     rows = np.asarray(selection.rows if rows is None else rows, dtype=np.int64)
     if limit is not None:
@@ -185,5 +196,8 @@ def query_command(
         scores = None if scores is None else scores[:limit]
     print_table(s, rows, scores, len(rows), len(rows) if limit is not None else SHOWN_ROWS)
     if out is not None:
-        written = export(out, s, layer, pooling, rows, scores, dtype or "float32")
-        typer.echo(f"wrote {written} rows to {out}")
+        written = export(out, s, layer or 0, pooling, rows, scores, dtype or "float32")
+        from actcache.query._export import ids_path
+
+        beside = f" (ids in {ids_path(out)})" if out.suffix == ".npy" else ""
+        typer.echo(f"wrote {written} rows to {out}{beside}")

@@ -62,7 +62,7 @@ CASES = [
     ("unknown-model-path", lambda f, j: {**j, "model": str(f / "no-such-model")},
      "model folder", "does not exist"),
     ("unknown-hub-model", lambda f, j: {**j, "model": "nobody/never-cached-model"},
-     "cannot load model 'nobody/never-cached-model'", "local cache"),
+     "model 'nobody/never-cached-model' is not in the local Hugging Face cache", "hf download"),
     ("layer-out-of-range", lambda f, j: {**j, "layers": [0, 7]},
      "layer 7 is out of range", "layers run 0..3"),
     ("unknown-pooling", lambda f, j: {**j, "pooling": ["mean", "median"]},

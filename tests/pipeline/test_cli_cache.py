@@ -46,8 +46,33 @@ def test_progress_reports_rows_per_second_and_units(capsys):
                                     tokens=50, wall_s=0.1, run_id="r"))
     progress.close()
     lines = capsys.readouterr().err.splitlines()
-    assert lines[-1].startswith("caching: 20/20 rows, 2/2 units, ")
-    assert lines[-1].endswith(" rows/s")
+    assert lines[-1].startswith("caching: 20/20 rows, ")
+    assert lines[-1].endswith(" rows/s, 2/2 units committed")
+
+
+def test_progress_moves_within_a_unit(tmp_path, tiny_bert, sentences_jsonl, monkeypatch):
+    """Rows advance batch by batch, before the unit's commit, and the bar's rows follow."""
+    from actcache import driver
+    from actcache.driver import load_job, run_job
+
+    seen: list[tuple[str, int]] = []
+
+    class Recording(Progress):
+        def computed(self, rows: int) -> None:
+            super().computed(rows)
+            seen.append(("batch", self.shown_rows))
+
+        def update(self, receipt: UnitReceipt) -> None:
+            super().update(receipt)
+            seen.append(("commit", self.rows_done))
+
+    monkeypatch.setattr(driver, "Progress", Recording)
+    job = tmp_path / "job.yaml"
+    job.write_text(f"model: {tiny_bert}\ninputs: {sentences_jsonl}\nstore: s.zarr\n"
+                   "rows_per_unit: 16\nbatch_size: 4\n")
+    run_job(load_job(job), inline=True, echo=lambda *_: None)
+    assert seen[:5] == [("batch", 4), ("batch", 8), ("batch", 12), ("batch", 16), ("commit", 16)]
+    assert seen[-1] == ("commit", len(SENTENCES))
 
 
 def test_progress_lines_carry_the_note(capsys):
@@ -68,8 +93,15 @@ def test_console_script_caches_then_info_describes(job_file, tmp_path):
                          timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"{len(SENTENCES)} rows cached in 3 units" in run.stdout
+    assert "MB uncompressed) in " in run.stdout
     assert "0 truncated inputs" in run.stdout
-    assert f"caching: {len(SENTENCES)}/{len(SENTENCES)} rows, 3/3 units" in run.stderr
+    assert f"caching: {len(SENTENCES)}/{len(SENTENCES)} rows, " in run.stderr
+    assert run.stderr.rstrip().endswith("3/3 units committed")
+    # Ray's and the model's own messages go to the run's log, not the terminal.
+    for noise in ("Ray instance", "Token authentication", "Loading weights", "\x1b[", "WARNING"):
+        assert noise not in run.stderr + run.stdout
+    (log,) = (tmp_path / "logs").glob("cache-*.log")
+    assert "Started a local Ray instance" in log.read_text()
     store = job_file.parent / "out" / "s.zarr"
     info = subprocess.run([exe, "info", str(store)], capture_output=True, text=True, env=env)
     assert info.returncode == 0, info.stderr
@@ -77,6 +109,8 @@ def test_console_script_caches_then_info_describes(job_file, tmp_path):
     assert f"rows:        {len(SENTENCES)} complete" in info.stdout
     assert "units:       3/3 complete" in info.stdout
     assert "columns:     topic" in info.stdout
+    assert "MB on storage (compressed), " in info.stdout
+    assert "MB of activations uncompressed" in info.stdout
     again = subprocess.run([exe, "cache", str(job_file)], capture_output=True, text=True,
                            timeout=300, env=env)
     assert again.returncode == 0

@@ -101,12 +101,12 @@ def test_runs_command_prints_the_history_table(
     assert main(["runs", str(tmp_path / "store.zarr")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["run_id", "status", "started", "ended", "added", "updated",
-                                "skipped", "missing", "errors"]
+                                "meta", "skipped", "missing", "errors"]
     cells = [line.split() for line in lines[1:]]
     assert [c[0] for c in cells] == [first.run_id, second.run_id]
     assert [c[1] for c in cells] == ["succeeded", "succeeded"]
     # s0 missing from the second input; s1..s4 unchanged; s5..s8 new.
-    assert [c[4:8] for c in cells] == [["5", "0", "0", "0"], ["4", "0", "4", "1"]]
+    assert [c[4:9] for c in cells] == [["5", "0", "0", "0", "0"], ["4", "0", "0", "4", "1"]]
 
     assert main(["runs", str(tmp_path / "store.zarr"), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -84,7 +84,9 @@ def test_metrics_follow_the_contract(binary_result):
     m = result.metrics
     assert list(m.columns) == [
         "layer", "probe", "strength", "n_train", "n_test", "train_accuracy", "test_accuracy",
-        "test_auroc", "test_loss", "control_accuracy", "selectivity", "test_r2", "test_mse"]
+        "test_auroc", "test_loss", "control_accuracy", "selectivity", "test_r2", "test_mse",
+        "majority_baseline", "test_accuracy_low", "test_accuracy_high", "test_auroc_low",
+        "test_auroc_high"]
     assert (m["n_train"] + m["n_test"] == 600).all()
     np.testing.assert_allclose(m["selectivity"], m["test_accuracy"] - m["control_accuracy"])
     # the deepest layer separates the classes; the control task stays near chance

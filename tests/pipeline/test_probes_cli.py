@@ -54,11 +54,9 @@ def test_probe_writes_outputs_and_names_the_best_layer(capsys, tmp_path, store_u
          "--layers must be 'all' or comma-separated ints like 0,3,-1, got 'one'"),
         ([], "no label column: give --label COL (or `label:` in the --config file)"),
         (["--label", "topic", "--max-memory", "lots"],
-         "invalid probe config: max_memory: not a memory size: 'lots'; write e.g. "
-         "512MB, 2GB or 1GiB"),
+         "--max-memory: not a memory size: 'lots'; write e.g. 512MB, 2GB or 1GiB"),
         (["--label", "topic", "--split-column", "s", "--test-fraction", "0.3"],
-         "invalid probe config: Cannot specify both `split_column` and "
-         "`test_fraction`"),
+         "Cannot specify both --split-column and --test-fraction"),
         (["--label", "topic", "--layers", "5"],
          "layer 5 is not in the store; stored layers: 0, 1, 2"),
     ],

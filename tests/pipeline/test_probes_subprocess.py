@@ -54,14 +54,17 @@ def test_probe_process_writes_the_contract_outputs(store, tmp_path):
                   "logistic,ridge", "--precision", "fp32", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     metrics = pd.read_csv(out / "metrics.csv")
-    assert list(metrics.columns) == [*COLUMNS, "test_r2", "test_mse"]
+    assert list(metrics.columns) == [*COLUMNS, "test_r2", "test_mse", "majority_baseline",
+                                     "test_accuracy_low", "test_accuracy_high",
+                                     "test_auroc_low", "test_auroc_high"]
     assert metrics[["layer", "probe"]].values.tolist() == [
         [0, "logistic"], [1, "logistic"], [2, "logistic"], [0, "ridge"], [1, "ridge"],
         [2, "ridge"]]
     assert (metrics["n_test"] == 100).all() and (metrics["n_train"] == 300).all()
     best = metrics.sort_values(["test_accuracy", "layer"], ascending=[False, True]).iloc[0]
     assert (f"best layer: {best.layer} ({best.probe}, test accuracy {best.test_accuracy:.3f}, "
-            f"selectivity {best.selectivity:.3f}); trained on cpu in fp32; wrote {out}") in proc.stdout
+            f"selectivity {best.selectivity:.3f}); trained on cpu: logistic in fp32, ridge in "
+            f"float64; wrote {out}") in proc.stdout
     assert "probes on 'label'" in proc.stdout and "train acc" in proc.stdout
     with safe_open(str(out / "probes.safetensors"), "np") as f:
         assert set(f.keys()) == {f"{p}.layer{i}.{t}" for p in ("logistic", "ridge")

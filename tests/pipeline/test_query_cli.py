@@ -117,8 +117,8 @@ def test_nearest_and_ids_export_npy(store_url, data, tmp_path, capsys) -> None:
          "error: metric 'l1' is not one of cosine, dot, euclidean"),
         (["--layer", "3", "--top-k", "2"],
          "error: --top-k needs --direction probes.safetensors"),
-        (["--layer", "3", "--out", "x.csv"], "error: --out 'x.csv' must end in .npy or .parquet"),
-        (["--where", "label=1"], "error: --layer is required"),
+        (["--layer", "3", "--out", "x.csv"], "error: --out 'x.csv' must end in .npy, .npz or .parquet"),
+        (["--where", "label=1", "--out", "x.npy"], "error: --out reads activations: give the layer with --layer"),
     ],
     ids=["id", "column", "layer", "where", "metric", "no-direction", "format", "no-layer"],
 )

@@ -65,7 +65,7 @@ class CrashOnce(CachingWorker):
 
     marker = ""
 
-    def process(self, task):  # type: ignore[no-untyped-def]
+    def process(self, task, counter=None):  # type: ignore[no-untyped-def]
         unit = task["unit"]
         marker = Path(self.marker)
         if unit == 3 and not marker.exists():
@@ -73,7 +73,7 @@ class CrashOnce(CachingWorker):
             arr = self.group["mean/layer_2"]
             arr[unit * 10 : unit * 10 + 5] = np.full((5, arr.shape[1]), 7.0)  # torn write
             os._exit(1)
-        return super().process(task)
+        return super().process(task, counter)
 
 
 def test_actor_killed_mid_unit_is_replaced_and_the_unit_redone(ray_local, tmp_path, tiny_bert):
