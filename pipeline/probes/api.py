@@ -18,6 +18,7 @@ ridge fitted on a seeded permutation of the targets; ``selectivity`` is then
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,16 +66,59 @@ def cpu_has_bf16() -> bool:
     return "BF16" in cap or "AMX" in cap
 
 
-def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype:
+#: ``auto`` takes bfloat16 only when its matmuls run at least this much faster than
+#: float32 at the run's own shapes: a smaller gain does not pay for the extra fp32 passes
+#: that bring a bf16 solve back to the fp32 optimum.
+BF16_GAIN = 1.5
+
+
+def bf16_speedup(device: torch.device, n_layers: int, hidden: int, cols: int,
+                 rows: int = 512) -> float:
+    """float32 time over bfloat16 time of the probe's two matmuls at the run's shapes.
+
+    A calibration of a few milliseconds at start: the same CPU family can compute bf16
+    natively or emulate it ten times slower, and AVX512-BF16 CPUs were measured slower in
+    bf16 than in float32 at these narrow shapes, so no flag predicts the answer.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn((n_layers, rows, hidden), generator=gen).to(device)
+    w = torch.randn((n_layers, hidden, cols), generator=gen).to(device)
+
+    def best(dtype: torch.dtype) -> float:
+        xd, wd = x.to(dtype), w.to(dtype)
+        times = []
+        for _ in range(3):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            z = torch.bmm(xd, wd)
+            torch.bmm(z.transpose(1, 2), xd)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return min(times[1:])
+
+    return best(torch.float32) / max(best(torch.bfloat16), 1e-9)
+
+
+def resolve_precision(precision: Precision, device: torch.device, n_layers: int = 1,
+                      hidden: int = 256, cols: int = 8) -> torch.dtype:
+    """The sample solve's matmul dtype; ``auto`` measures (see ``bf16_speedup``).
+
+    Whatever is chosen, the streamed passes over the whole store and the convergence test
+    they feed run in float32 with float64 state, so bf16 changes speed, not the optimum.
+    """
     if precision == Precision.FP32:
         return torch.float32
     if precision == Precision.BF16:
         return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu" and cpu_has_bf16():
-        return torch.bfloat16
-    return torch.float32
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float32
+    if device.type == "cpu" and not cpu_has_bf16():
+        # Emulated bf16 measured 3-25x slower than float32 at probe shapes (AVX2 CPU).
+        return torch.float32
+    gain = bf16_speedup(device, n_layers, hidden, cols)
+    return torch.bfloat16 if gain >= BF16_GAIN else torch.float32
 
 
 @dataclass(frozen=True)
@@ -210,8 +254,8 @@ def _train_probes(store: Any, config: ProbeConfig) -> ProbeResult:
     store = _open(store)
     data = prepare(store, config)
     device = pick_device()
-    dtype = resolve_precision(config.precision, device)
     cols = max(len(config.strengths), 2) * data.n_targets * 2
+    dtype = resolve_precision(config.precision, device, len(data.layers), data.hidden, cols)
     block_rows, cache = plan_blocks(store, data, config.max_memory, cols)
     if not cache:
         # Streamed blocks would otherwise pile up in glibc's heaps (see bound_allocator).

@@ -40,7 +40,8 @@ def binary_store():
 
 @pytest.fixture(scope="module")
 def binary_result(binary_store):
-    cfg = ProbeConfig(label="label", probes=["logistic", "ridge", "mean-diff"])
+    # fp32 forced: these tests compare with float64 references, whatever `auto` picks here.
+    cfg = ProbeConfig(label="label", probes=["logistic", "ridge", "mean-diff"], precision="fp32")
     return cfg, train_probes(binary_store, cfg)
 
 
@@ -69,7 +70,7 @@ def _roles(store, cfg):
 
 def test_multiclass_logistic_matches_sklearn():
     store = ProceduralStore(1500, [0, 2], 24, classes=3, signal=0.12, chunk_rows=100)
-    cfg = ProbeConfig(label="label", probes=["logistic", "ridge"])
+    cfg = ProbeConfig(label="label", probes=["logistic", "ridge"], precision="fp32")
     result = train_probes(store, cfg)
     ref = sklearn_reference(store, cfg)
     both = result.metrics.merge(ref, on=["layer", "probe"], suffixes=("", "_sk"))
@@ -157,7 +158,8 @@ def test_split_column_and_explicit_val(binary_store):
 
 
 def test_streaming_equals_in_memory(binary_store):
-    cfg = ProbeConfig(label="label", probes=["logistic", "ridge", "mean-diff"], layers=[1, 3])
+    cfg = ProbeConfig(label="label", probes=["logistic", "ridge", "mean-diff"], layers=[1, 3],
+                      precision="fp32")
     whole = train_probes(binary_store, cfg)
     small = _binary_store(chunk_rows=16)
     streamed = train_probes(small, cfg.model_copy(update={"max_memory": 2**20}))
@@ -229,3 +231,21 @@ def test_incomplete_store(binary_store):
                        url="/data/store")
     _bad(store, "store /data/store is incomplete: some units are not cached yet; finish it with "
          "`actcache cache JOB.yaml`, then rerun `actcache probe`", StoreIncompleteError)
+
+
+def test_auto_precision_takes_bf16_only_when_measured_faster(monkeypatch):
+    import torch
+
+    from actcache.probes import api
+    from actcache.schemas.probe import Precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(api, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(api, "bf16_speedup", lambda *a, **k: 1.2)
+    assert api.resolve_precision(Precision.AUTO, cpu) == torch.float32
+    monkeypatch.setattr(api, "bf16_speedup", lambda *a, **k: 2.0)
+    assert api.resolve_precision(Precision.AUTO, cpu) == torch.bfloat16
+    assert api.resolve_precision(Precision.FP32, cpu) == torch.float32
+    monkeypatch.setattr(api, "cpu_has_bf16", lambda: False)
+    assert api.resolve_precision(Precision.AUTO, cpu) == torch.float32
+    assert api.resolve_precision(Precision.BF16, cpu) == torch.bfloat16
