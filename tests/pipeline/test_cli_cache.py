@@ -81,7 +81,7 @@ def test_progress_lines_carry_the_note(capsys):
                                 wall_s=0.1, run_id="r"))
     progress.close()
     line = capsys.readouterr().err.splitlines()[-1]
-    assert line.endswith(" rows/s · 3 modules offloaded to CPU/disk (slow)")
+    assert line.endswith("units committed · 3 modules offloaded to CPU/disk (slow)")
 
 
 @pytest.mark.ray
