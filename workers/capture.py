@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
+from actcache.schemas.errors import ModelLoadError
 from actcache.workers.adapters import Batch
-from actcache.workers.model import block_list
+from actcache.workers.model import block_list, num_layers
 
 Pooled = dict[tuple[str, int], torch.Tensor]
 
@@ -51,9 +52,9 @@ class Capture:
         deepest = max(self.layers)
         keep = max(deepest, 1)
         # The decoder side runs the whole model; its block list is not the first one found.
-        # A model built with ``keep`` blocks (cut at load) already has the length wanted.
-        blocks = (block_list(self.net, n_layers) or block_list(self.net, keep)
-                  if side != "decoder" else None)
+        # The block list is looked up by the length the model was built with (``keep`` when
+        # cut at load): an inner list of another length (T5's sublayers) is never taken.
+        blocks = block_list(self.net, built_blocks(self.net, n_layers)) if side != "decoder" else None
         if deepest < n_layers and blocks is not None:
             del blocks[keep:]
             self._truncated = True
@@ -92,6 +93,14 @@ class Capture:
             for layer in self.layers
             for pooling in self.poolings
         }
+
+
+def built_blocks(net: Any, n_layers: int) -> int:
+    """Blocks ``net`` was built with: its config's count (cut at load), else ``n_layers``."""
+    try:
+        return num_layers(net.config)
+    except (AttributeError, ModelLoadError):
+        return n_layers
 
 
 def first_position(model: Any) -> int:
