@@ -56,7 +56,9 @@ def test_a_corrupt_chunk_is_an_error_naming_its_unit_and_repair_recomputes_exact
     job, store, before = cached
     url = str(store)
     assert main(["info", "--verify", url]) == 0
-    assert "verified: 6 complete units x 11 arrays" in capsys.readouterr().out
+    # 2 layers x 2 poolings, and 9 row arrays (ids, seq, hash, meta, truncated, input, valid,
+    # token_offset, token_length)
+    assert "verified: 6 complete units x 13 arrays" in capsys.readouterr().out
     untouched = {p: p.read_bytes() for p in store.rglob("*") if p.is_file() and "/c/" in str(p)}
     flip_byte(store / "mean" / "layer_3" / "c" / "1" / "0")
     flip_byte(store / "tokens" / "layer_0" / "c" / "4" / "0")

@@ -114,6 +114,7 @@ def test_three_gpus_cannot_hold_two_workers_of_two(existing, capsys):  # noqa: F
 
     ray.shutdown()
     ray.init(num_cpus=2, num_gpus=3, include_dashboard=False, log_to_driver=False)
+    capsys.readouterr()  # this test's own Ray start says so; the command under test must not
     try:
         folder, raw = existing
         add_a_row(folder)

@@ -88,10 +88,10 @@ def test_class_folders_give_ids_and_labels(tmp_path, media_models):
 
 
 class FailOnUnit1(CachingWorker):
-    def process(self, task):  # type: ignore[no-untyped-def]
+    def process(self, task, counter=None):  # type: ignore[no-untyped-def]
         if task.unit == 1:
             raise RuntimeError("simulated crash")
-        return super().process(task)
+        return super().process(task, counter)
 
 
 @pytest.mark.slow
