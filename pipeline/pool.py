@@ -154,7 +154,12 @@ class ActorPool:
         self.actors = [self._new() for _ in range(count)]
         self.on_lost: Callable[[int, str], None] | None = None
         """Called with (unit, why) for each unit whose actor died (a lost worker or node)."""
-        self.counter = ray.remote(num_cpus=0)(RowCounter).remote()
+        # The counter lives beside the driver: a lost worker node must not take it along.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.counter = ray.remote(num_cpus=0)(RowCounter).options(
+            scheduling_strategy=here).remote()
 
     def _new(self) -> Any:
         return self._cls.remote(*self._args)
@@ -210,7 +215,10 @@ class ActorPool:
             done, _ = ray.wait(list(in_flight), num_returns=1, timeout=POLL_S)
             if not done:
                 if on_rows is not None:
-                    on_rows(int(ray.get(self.counter.total.remote())))
+                    try:
+                        on_rows(int(ray.get(self.counter.total.remote())))
+                    except RayActorError:  # progress only: the units' receipts still count
+                        on_rows = None
                 continue
             ref = done[0]
             slot, task = in_flight.pop(ref)
