@@ -130,7 +130,10 @@ class UnitWriter:
         if self.grid is not None and self.manifest.get("modality") == "image":
             self.array(layout.GRID_KEY)[lo:hi] = np.asarray(self.grid, dtype=np.int32).reshape(n, 2)
         if self.manifest["job"].get("store_inputs", True):
-            self.array(layout.INPUT_KEY)[lo:hi] = np.array(task.inputs, dtype=str)
+            # A sentence pair is kept as the JSON list [text, pair].
+            inputs = [x if isinstance(x, str) else json.dumps(list(x), ensure_ascii=False)
+                      for x in task.inputs]
+            self.array(layout.INPUT_KEY)[lo:hi] = np.array(inputs, dtype=str)
         if "tokens" in self.manifest["poolings"]:
             base = task.unit * self.token_slots
             self.array(layout.TOKEN_OFFSET_KEY)[lo:hi] = self.offsets + base

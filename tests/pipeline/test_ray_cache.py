@@ -135,7 +135,7 @@ def test_driver_killed_then_rerun_completes_with_every_row_once(tmp_path):
     cmd = [sys.executable, "-m", "actcache.cli", "cache", str(tmp_path / "job.yaml")]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # Ray, the actor and its self-check start first
     while time.time() < deadline and len(list((store / "units").glob("0*"))) < 3:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
