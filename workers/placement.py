@@ -137,7 +137,8 @@ def weight_files(folder: str) -> list[Path]:
 
 def checkpoint_dtype(config: Any, folder: str) -> str:
     """The checkpoint's own dtype: the config's, else the first floating tensor's, else float32."""
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    # transformers 5 reads a config.json's `torch_dtype` into `dtype` (the old name warns).
+    value = getattr(config, "dtype", None)
     name = str(value).removeprefix("torch.") if value is not None else ""
     if name in _DTYPE_BYTES:
         return name
