@@ -66,6 +66,8 @@ def test_a_corrupt_chunk_is_an_error_naming_its_unit_and_repair_recomputes_exact
     s = open_store(url)
     with pytest.raises(StoreCorruptError, match=r"in unit 1 \(mean/layer_3\); rerun"):
         s.read(3, "mean")
+    with pytest.raises(StoreCorruptError, match=r"in unit 1 \(mean/layer_3\); rerun"):
+        s.topk(3, np.ones(s.manifest["model"]["hidden_size"], np.float32), k=3, pooling="mean")
     np.testing.assert_array_equal(s.read(3, "mean", rows=[0, 1, 8]),  # other units still read
                                   before[("mean", 3)][[0, 1, 8]])
     with pytest.raises(StoreCorruptError, match=r"in unit 4 \(tokens/layer_0\)"):
