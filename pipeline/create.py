@@ -8,25 +8,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs import Crc32cCodec
 
 from actcache.schemas import store as layout
 from actcache.schemas.errors import StoreMismatchError
 from actcache.schemas.job import SHAPING_FIELDS, JobConfig
 from actcache.schemas.store import Manifest
 
-# Measured by benchmarks/bench_codec.py (figures in docs/STORE.md): zstd over
-# byte-shuffled half floats compresses hidden states better than plain zstd, at a
-# write speed far above what a forward pass produces.
-CODEC = "blosc-zstd-3-shuffle"
+# Measured by benchmarks/bench_codec.py (figures and the reasoning in docs/STORE.md): a
+# store is written once and read many times (every probe pass, query, loader epoch), and
+# every compressor measured costs about half of read throughput to save 0-8% of disk on
+# float16 (a quarter on bfloat16). Stores written before keep reading: zarr takes each
+# array's codecs from its own metadata, and the manifest records the codec.
+CODEC = "none"
 # Format 2: every activation chunk ends in its crc32c, checked on each read.
 CHECKSUM_CODECS: tuple[Any, ...] = (Crc32cCodec(),)
 MAX_CHUNK_ROWS = 256
 MAX_TOKEN_CHUNK = 4096
 
 
-def compressor() -> Any:
-    return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+def compressors() -> tuple[Any, ...]:
+    """The activation arrays' compressors (``CODEC``): none."""
+    return ()
 
 
 def chunk_rows_for(rows_per_unit: int, limit: int = MAX_CHUNK_ROWS) -> int:
@@ -103,9 +106,9 @@ def create_store(group: Any, manifest: Manifest) -> None:
                 shards=(shard_rows, hidden),
                 dtype=np_dtype,
                 fill_value=0,
-                # crc32c after compression: a chunk changed at rest fails its read instead
+                # crc32c last: a chunk changed at rest fails its read instead
                 # of decoding to plausible values (cost: benchmarks/bench_checksum.py).
-                compressors=(compressor(), *CHECKSUM_CODECS),
+                compressors=(*compressors(), *CHECKSUM_CODECS),
                 attributes=attrs,
                 dimension_names=(layout.ROW_DIM if pooling != "tokens" else "token_slot", "hidden"),
             )

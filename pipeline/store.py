@@ -69,6 +69,8 @@ def _gather(arr: Any, slots: np.ndarray) -> np.ndarray:
     uniq, inverse = np.unique(slots, return_inverse=True)
     if uniq[-1] - uniq[0] + 1 == len(uniq):
         values = np.asarray(arr[int(uniq[0]) : int(uniq[-1]) + 1])
+        if len(slots) == len(uniq) and slots[0] == uniq[0] and np.all(slots[1:] > slots[:-1]):
+            return values  # already in order: no copy
     else:
         values = np.asarray(arr.oindex[uniq])
     return values[inverse.reshape(-1)]

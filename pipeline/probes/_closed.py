@@ -10,12 +10,13 @@ pass serves the labels and the control task, and the intercept centres the targe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from actcache.probes._data import BlockSource, ProbeData
+from actcache.probes._data import Block, BlockSource, ProbeData
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,12 @@ class Moments:
     (no classes for a regression)."""
 
 
-def moments(source: BlockSource, data: ProbeData) -> Moments:
-    """One pass over the raw train rows: mean, variance and class means per layer."""
+def moments(source: BlockSource, data: ProbeData,
+            tap: Callable[[Block], None] | None = None) -> Moments:
+    """One pass over the raw train rows: mean, variance and class means per layer.
+
+    ``tap`` sees every raw block of the pass (the out-of-core sample is copied out there).
+    """
     n_l, h, k = len(data.layers), data.hidden, data.n_classes
     s1 = np.zeros((n_l, h))
     s2 = np.zeros((n_l, h))
@@ -40,6 +45,8 @@ def moments(source: BlockSource, data: ProbeData) -> Moments:
     counts = np.zeros((2, k))
     n = 0
     for block in source.blocks(0):
+        if tap is not None:
+            tap(block)
         nt = block.n_train
         if nt == 0:
             continue

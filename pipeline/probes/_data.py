@@ -317,14 +317,26 @@ class Block:
 
 
 @dataclass
+class Reads:
+    """Used rows × layers read from the store, shared by every source of a probe run."""
+
+    values: int = 0
+
+    def passes(self, data: ProbeData, n_layers: int) -> float:
+        """Reads as full passes over the used rows of ``n_layers`` layers."""
+        return self.values / max(1, data.count(FIT, VAL, TEST) * n_layers)
+
+
+@dataclass
 class BlockSource:
-    """Chunk-aligned blocks of all requested layers, from memory or streamed with prefetch."""
+    """Chunk-aligned blocks of ``data.layers``, from memory or streamed with prefetch."""
 
     store: Any
     data: ProbeData
     block_rows: int
     cache: bool
     seed: int = 0
+    reads: Reads = field(default_factory=Reads)
     _spans: list[tuple[int, int]] = field(default_factory=list)
     _cached: list[Block] | None = None
     _transform: Callable[[np.ndarray], Any] | None = None
@@ -356,6 +368,7 @@ class BlockSource:
         x = np.empty((len(self.data.layers), len(order), self.data.hidden), dtype=np.float32)
         for i, layer in enumerate(self.data.layers):
             x[i] = self.store.read_block(layer, self.data.pooling, start, stop)[order]
+        self.reads.values += len(order) * len(self.data.layers)
         block = Block(start, start + order, x, *counts)
         if self._transform is not None:
             block.x = self._transform(block.x)

@@ -76,6 +76,22 @@ class LogisticBatch:
         resid.scatter_add_(-1, idx, -torch.ones_like(resid[..., :1]))
         return loss, resid
 
+    def accumulate(self, block: Block, theta: torch.Tensor, rows: RowSet, f: torch.Tensor,
+                   g: torch.Tensor) -> int:
+        """Add one block's summed loss and gradient of ``rows`` into ``f``, ``g``; its rows."""
+        sl = _rows(block, rows)
+        x = block.x[:, sl]
+        if x.shape[1] == 0:
+            return 0
+        loss, resid = self._loss_resid(self.logits(x, theta), self._labels(block, sl))
+        f += loss.sum(1).double()
+        n_l, b, p, k = resid.shape
+        # (P·K, rows) @ (rows, hidden): the row-major operand streams once, fastest on CPU
+        gw = torch.bmm(resid.reshape(n_l, b, p * k).to(self.dtype).transpose(1, 2), x)
+        g[:, :, :-1, :] += gw.double().view(n_l, p, k, -1).permute(0, 1, 3, 2)
+        g[:, :, -1, :] += resid.sum(1).double()
+        return int(x.shape[1])
+
     def value_grad(self, source: BlockSource, theta: torch.Tensor, rows: RowSet, epoch: int
                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Summed loss (layers, P) and its gradient, float64, over one pass of ``rows``."""
@@ -83,35 +99,71 @@ class LogisticBatch:
         g = torch.zeros_like(theta)
         n = 0
         for block in source.blocks(epoch):
-            sl = _rows(block, rows)
-            x = block.x[:, sl]
-            if x.shape[1] == 0:
-                continue
-            n += x.shape[1]
-            loss, resid = self._loss_resid(self.logits(x, theta), self._labels(block, sl))
-            f += loss.sum(1).double()
-            n_l, b, p, k = resid.shape
-            # (P·K, rows) @ (rows, hidden): the row-major operand streams once, fastest on CPU
-            gw = torch.bmm(resid.reshape(n_l, b, p * k).to(self.dtype).transpose(1, 2), x)
-            g[:, :, :-1, :] += gw.double().view(n_l, p, k, -1).permute(0, 1, 3, 2)
-            g[:, :, -1, :] += resid.sum(1).double()
+            n += self.accumulate(block, theta, rows, f, g)
         return f, g, n
 
-    def objective(self, source: BlockSource, rows: RowSet) -> Callable[..., Any]:
-        c = self.strengths.to(torch.float64)
+    def finish(self, f: torch.Tensor, g: torch.Tensor, theta: torch.Tensor, n: int,
+               n_reg: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean objective and gradient from sums over ``n`` rows, penalty ``||W||²/(2 C n_reg)``.
+
+        ``n_reg`` is the rows of the whole split, also when the sums come from a sample of
+        it: the sample's problem then estimates the whole split's, penalty included.
+        """
+        w = theta[:, :, :-1, :]
+        reg = 1.0 / (self.strengths.to(torch.float64) * n_reg)
+        f = f / n + 0.5 * reg * (w * w).sum((2, 3))
+        g = g / n
+        g[:, :, :-1, :] += reg[:, :, None, None] * w
+        return f, g
+
+    def objective(self, source: Any, rows: RowSet, n_reg: int | None = None
+                  ) -> Callable[..., Any]:
+        """The mean objective over ``rows`` of ``source``, penalty scaled by ``n_reg`` rows
+        (default: the rows the pass sees)."""
         counter = {"epoch": 0}
 
         def fun(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             counter["epoch"] += 1
             f, g, n = self.value_grad(source, theta, rows, counter["epoch"])
-            w = theta[:, :, :-1, :]
-            reg = 1.0 / (c * n)
-            f = f / n + 0.5 * reg * (w * w).sum((2, 3))
-            g = g / n
-            g[:, :, :-1, :] += reg[:, :, None, None] * w
-            return f, g
+            return self.finish(f, g, theta, n, n if n_reg is None else n_reg)
 
         return fun
+
+    def hess_vec(self, block: Block, theta: torch.Tensor, v: torch.Tensor, rows: RowSet,
+                 out: torch.Tensor) -> int:
+        """Add one block's ``Σ_rows ∇²loss(theta) · v`` into ``out``; returns its rows."""
+        sl = _rows(block, rows)
+        x = block.x[:, sl]
+        if x.shape[1] == 0:
+            return 0
+        z = self.logits(x, theta)
+        r = self.logits(x, v)  # the direction's logits, bias included
+        if self.k == 1:
+            s = torch.sigmoid(z)
+            u = s * (1 - s) * r
+        else:
+            p = torch.softmax(z, dim=-1)
+            u = p * r - p * (p * r).sum(-1, keepdim=True)
+        n_l, b, pp, k = u.shape
+        hw = torch.bmm(u.reshape(n_l, b, pp * k).to(self.dtype).transpose(1, 2), x)
+        out[:, :, :-1, :] += hw.double().view(n_l, pp, k, -1).permute(0, 1, 3, 2)
+        out[:, :, -1, :] += u.sum(1).double()
+        return int(x.shape[1])
+
+    def tally(self, block: Block, theta: torch.Tensor, rows: RowSet, correct: torch.Tensor,
+              loss_sum: torch.Tensor) -> int:
+        """Add one block's correct predictions and summed loss on ``rows``; returns its rows."""
+        sl = _rows(block, rows)
+        x = block.x[:, sl]
+        if x.shape[1] == 0:
+            return 0
+        z = self.logits(x, theta)
+        y = self._labels(block, sl)
+        loss, _ = self._loss_resid(z, y)
+        pred = (z[..., 0] > 0).long() if self.k == 1 else z.argmax(-1)
+        correct += (pred == y.unsqueeze(0)).sum(1).double()
+        loss_sum += loss.sum(1).double()
+        return int(x.shape[1])
 
     def evaluate(self, source: BlockSource, theta: torch.Tensor, rows: RowSet
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -120,17 +172,7 @@ class LogisticBatch:
         loss_sum = torch.zeros_like(correct)
         n = 0
         for block in source.blocks(0):
-            sl = _rows(block, rows)
-            x = block.x[:, sl]
-            if x.shape[1] == 0:
-                continue
-            n += x.shape[1]
-            z = self.logits(x, theta)
-            y = self._labels(block, sl)
-            loss, _ = self._loss_resid(z, y)
-            pred = (z[..., 0] > 0).long() if self.k == 1 else z.argmax(-1)
-            correct += (pred == y.unsqueeze(0)).sum(1).double()
-            loss_sum += loss.sum(1).double()
+            n += self.tally(block, theta, rows, correct, loss_sum)
         return (correct / n).cpu().numpy(), (loss_sum / n).cpu().numpy()
 
 
@@ -138,16 +180,17 @@ Precond = Callable[[torch.Tensor], torch.Tensor]
 
 
 def gram_preconditioner(eig: list[tuple[np.ndarray, np.ndarray]], strengths: torch.Tensor,
-                        n: int, k: int) -> Precond:
+                        n: int, k: int, n_reg: int | None = None) -> Precond:
     """Inverse of ``c·AᵀA/n + I/(C n)`` per problem, A = [Z, 1] (the logistic Hessian at
     zero, c = 1/4 binary, 1/K softmax, plus the penalty), from one eigendecomposition per
-    layer. Used as L-BFGS's initial inverse Hessian, it removes the ill-conditioning that
+    layer; the penalty's rows are ``n_reg`` when the Gram matrices are a sample's. Used as L-BFGS's initial inverse Hessian, it removes the ill-conditioning that
     correlated features cause, so fits take tens of iterations rather than hundreds."""
     dev = strengths.device
     lam = torch.from_numpy(np.stack([e for e, _ in eig])).to(dev)
     vec = torch.from_numpy(np.stack([v for _, v in eig])).to(dev)
     curv = 0.25 if k == 1 else 1.0 / k
-    inv = 1.0 / (curv * lam.clamp_min(0.0)[:, :, None] / n + 1.0 / (strengths[:, None, :] * n))
+    n_pen = n if n_reg is None else n_reg
+    inv = 1.0 / (curv * lam.clamp_min(0.0)[:, :, None] / n + 1.0 / (strengths[:, None, :] * n_pen))
 
     def apply(q: torch.Tensor) -> torch.Tensor:
         n_l, p = q.shape[:2]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from actcache.probes import _closed, _eval
+from actcache.probes import _closed, _eval, _newton
 from actcache.probes._data import (
     FIT,
     VAL,
     BlockSource,
     ProbeData,
+    Reads,
     bound_allocator,
     plan_blocks,
     prepare,
@@ -133,9 +134,12 @@ class ProbeResult:
     device: str
     precision: str
     iterations: dict[str, int]
-    """Largest L-BFGS iteration count per logistic phase (``select``, ``refit``)."""
+    """Largest iteration count per logistic phase: ``select`` and ``refit`` (L-BFGS) when
+    the rows fit the budget; ``sample`` (L-BFGS) and ``newton`` (passes) otherwise."""
     task: str = "classification"
     """``classification`` or ``regression``, as resolved from the config and the labels."""
+    passes: float = 1.0
+    """Rows × layers read from the store over the run, in full passes over its used rows."""
 
     @property
     def score_column(self) -> str:
@@ -257,28 +261,16 @@ def _train_probes(store: Any, config: ProbeConfig) -> ProbeResult:
     cols = max(len(config.strengths), 2) * data.n_targets * 2
     dtype = resolve_precision(config.precision, device, len(data.layers), data.hidden, cols)
     block_rows, cache = plan_blocks(store, data, config.max_memory, cols)
-    if not cache:
+    reads = Reads()
+    if cache:
+        source = BlockSource(store, data, block_rows, True, config.seed, reads)
+        mom, fitted, iterations = _fit_group(source, data, config, device, dtype)
+    else:
         # Streamed blocks would otherwise pile up in glibc's heaps (see bound_allocator).
         bound_allocator()
-    source = BlockSource(store, data, block_rows, cache, config.seed)
-    mom = _closed.moments(source, data)
-    # Ridge reads the raw blocks (float64 Gram matrices), before they are standardised in
-    # the training precision for the iterative probes.
-    ridge = _ridge(source, data, config, mom) if ProbeKind.RIDGE in config.probes else None
-    mean_t = torch.from_numpy(mom.mean).float().to(device)[:, None, :]
-    std_t = torch.from_numpy(mom.std).float().to(device)[:, None, :]
-    source.set_transform(lambda x: ((torch.from_numpy(x).to(device) - mean_t) / std_t).to(dtype))
-
-    fitted: dict[str, tuple[list[float] | None, list[ZWeights]]] = {}
-    iterations: dict[str, int] = {}
-    for kind in config.probes:
-        if kind == ProbeKind.RIDGE and ridge is not None:
-            fitted[kind.value] = ridge
-        elif kind == ProbeKind.LOGISTIC:
-            chosen, tasks, iterations = _logistic(source, data, config, device, dtype)
-            fitted[kind.value] = (chosen, tasks)
-        else:
-            fitted[kind.value] = (None, _mean_diff(mom))
+        mom, fitted, iterations = _fit_streamed(store, data, config, device, dtype, cols, reads)
+        source = BlockSource(store, data, block_rows, False, config.seed, reads)
+        source.set_transform(_standardiser(mom, device, torch.float32))
     segments, weights, bias = _stack(fitted, data, device, config.control)
     _eval.score_pass(source, data, weights, bias, segments)
     metrics = _metrics(segments, fitted, data, config.control)
@@ -286,7 +278,75 @@ def _train_probes(store: Any, config: ProbeConfig) -> ProbeResult:
         metrics = _eval.with_intervals(metrics, segments, config.seed)
     tensors, meta = _tensors(fitted, data, mom, store, config)
     return ProbeResult(metrics, tensors, meta, data.classes, str(device),
-                       "bf16" if dtype == torch.bfloat16 else "fp32", iterations, meta["task"])
+                       "bf16" if dtype == torch.bfloat16 else "fp32", iterations, meta["task"],
+                       round(reads.passes(data, len(data.layers)), 2))
+
+
+Fitted = dict[str, tuple[list[float] | None, list[ZWeights]]]
+
+
+def _standardiser(mom: _closed.Moments, device: torch.device, dtype: torch.dtype) -> Any:
+    mean_t = torch.from_numpy(mom.mean).float().to(device)[:, None, :]
+    std_t = torch.from_numpy(mom.std).float().to(device)[:, None, :]
+    return lambda x: ((torch.from_numpy(x).to(device) - mean_t) / std_t).to(dtype)
+
+
+def _fit_group(source: BlockSource, data: ProbeData, config: ProbeConfig, device: torch.device,
+               dtype: torch.dtype, sample: _newton.Sample | None = None
+               ) -> tuple[_closed.Moments, Fitted, dict[str, int]]:
+    """Every probe on the layers of ``source``: full-batch when ``sample`` is None (the
+    rows are in memory), else solved on the sample and polished on the store."""
+    mom = _closed.moments(source, data, tap=sample.take if sample is not None else None)
+    # Ridge reads the raw blocks (float64 Gram matrices), before they are standardised in
+    # the training precision for the iterative probes.
+    ridge = _ridge(source, data, config, mom) if ProbeKind.RIDGE in config.probes else None
+    source.set_transform(_standardiser(mom, device, dtype if sample is None else torch.float32))
+    fitted: Fitted = {}
+    iterations: dict[str, int] = {}
+    for kind in config.probes:
+        if kind == ProbeKind.RIDGE and ridge is not None:
+            fitted[kind.value] = ridge
+        elif kind == ProbeKind.LOGISTIC and sample is None:
+            chosen, tasks, iterations = _logistic(source, data, config, device, dtype)
+            fitted[kind.value] = (chosen, tasks)
+        elif kind == ProbeKind.LOGISTIC and sample is not None:
+            sample.standardise(mom.mean, mom.std, device)
+            chosen, tasks, iterations = _newton.fit_streamed(source, sample, data, config,
+                                                             device, dtype)
+            fitted[kind.value] = (chosen, tasks)
+        else:
+            fitted[kind.value] = (None, _mean_diff(mom))
+    return mom, fitted, iterations
+
+
+def _fit_streamed(store: Any, data: ProbeData, config: ProbeConfig, device: torch.device,
+                  dtype: torch.dtype, cols: int, reads: Reads
+                  ) -> tuple[_closed.Moments, Fitted, dict[str, int]]:
+    """Layer by layer, so the whole budget holds one layer's sample (see ``_newton``)."""
+    parts = []
+    for layer in data.layers:
+        one = replace(data, layers=(layer,))
+        block_rows, capacity = _newton.plan_stream(store, one, config.max_memory, cols)
+        source = BlockSource(store, one, block_rows, False, config.seed, reads)
+        sample = None
+        if ProbeKind.LOGISTIC in config.probes and not data.regression:
+            rows = _newton.sample_rows(one, store.ids, capacity, config.seed)
+            sample = _newton.Sample(one, rows, str(getattr(store, "dtype", "float32")),
+                                    block_rows)
+        parts.append(_fit_group(source, one, config, device, dtype, sample))
+    mom = _closed.Moments(np.concatenate([m.mean for m, _, _ in parts]),
+                          np.concatenate([m.std for m, _, _ in parts]),
+                          np.concatenate([m.class_means for m, _, _ in parts], axis=1))
+    fitted: Fitted = {}
+    for kind, (chosen, tasks) in parts[0][1].items():
+        per = [p[1][kind] for p in parts]
+        fitted[kind] = (None if chosen is None else [c for ch, _ in per for c in ch or []],
+                        [[w for _, ts in per for w in ts[t]] for t in range(len(tasks))])
+    iterations: dict[str, int] = {}
+    for _, _, its in parts:
+        for key, value in its.items():
+            iterations[key] = max(iterations.get(key, 0), value)
+    return mom, fitted, iterations
 
 
 def _stack(fitted: dict[str, tuple[list[float] | None, list[ZWeights]]], data: ProbeData,
