@@ -7,6 +7,14 @@ against float32 where the CPU computes bf16 natively.
 
     python benchmarks/bench_probes.py                       # synthetic, MiniLM-sized
     python benchmarks/bench_probes.py --store PATH --label COL [--split-column split]
+    python benchmarks/bench_probes.py --out-of-core [--rows 60000 --hidden 512 --layers 3]
+    python benchmarks/bench_probes.py --out-of-core --gpu   # the probe on CUDA; skips without
+
+``--out-of-core`` writes a float16 store (or takes ``--store``), sets ``--max-memory`` to a
+tenth of its stored bytes and prints: the probe's passes over the store and wall time; one
+raw pass (the chunk files' bytes read and widened to float32 with numpy) against one store
+pass (read, check, widen every layer through the probes' block source), and their ratio;
+and the largest per-layer test-accuracy gap to the in-memory run of the same store.
 
 With ``--store``, the whole ``actcache probe`` process (start-up, imports, reading the
 store, writing metrics, probes and plot) is timed as well, against the same scikit-learn
@@ -64,15 +72,109 @@ def whole_process(store: str, label: str, split_column: str | None) -> float:
         return time.perf_counter() - start
 
 
+def write_store(folder: str, rows: int, hidden: int, layers: int) -> str:
+    from actcache.testing import synthetic_store
+
+    store = synthetic(rows, hidden, layers)
+    meta = [{"label": int(v), "split": "test" if i % 5 == 0 else "train"}
+            for i, v in enumerate(store.metadata["label"])]
+    url = str(Path(folder) / "ooc.zarr")
+    synthetic_store(url, {i: store.read(i) for i in range(layers)}, metadata=meta,
+                    rows_per_unit=4096, dtype="float16")
+    return url
+
+
+def raw_pass(url: str, store: object) -> tuple[float, int]:
+    """Seconds to read every activation chunk file's bytes and widen them with numpy."""
+    from actcache.store import widen
+
+    native = np.uint16 if store.dtype == "bfloat16" else np.dtype(store.dtype)
+    files = [p for layer in store.layers
+             for p in (Path(url) / "mean" / f"layer_{layer}" / "c").rglob("*") if p.is_file()]
+    start, total = time.perf_counter(), 0
+    for path in files:
+        data = path.read_bytes()
+        values = np.frombuffer(data, dtype=native, count=len(data) // np.dtype(native).itemsize)
+        widen(values, store.dtype, np.empty(values.shape, np.float32))
+        total += len(data)
+    return time.perf_counter() - start, total
+
+
+def store_pass(store: object, cfg: ProbeConfig) -> float:
+    """Seconds for one pass of the probe's block source over every used row and layer."""
+    from actcache.probes._data import BlockSource, plan_blocks, prepare
+
+    data = prepare(store, cfg)
+    cols = max(len(cfg.strengths), 2) * data.n_targets * 2
+    rows, _ = plan_blocks(store, data, cfg.max_memory, cols)
+    source = BlockSource(store, data, rows, False, cfg.seed)
+    start = time.perf_counter()
+    for _ in source.blocks(0):
+        pass
+    return time.perf_counter() - start
+
+
+def out_of_core(args: argparse.Namespace) -> None:
+    from actcache.store import open_store
+
+    if args.gpu and not torch.cuda.is_available():
+        print("GPU variant skipped: no CUDA device")
+        return
+    if not args.gpu and pick_device().type != "cpu":
+        print("note: the probe runs on", pick_device())
+    with tempfile.TemporaryDirectory() as tmp:
+        url = args.store or write_store(tmp, args.rows, args.hidden, args.layers)
+        store = open_store(url)
+        stored = sum(p.stat().st_size for p in Path(url).rglob("*") if p.is_file())
+        budget = stored // 10
+        cfg = ProbeConfig(label=args.label, split_column=args.split_column or "split",
+                          precision="fp32", max_memory=max(budget, 2**20))
+        print(f"store: {store.n_rows} rows x {len(store.layers)} layers x {store.hidden_size} "
+              f"{store.dtype}, {stored / 1e6:.0f} MB stored; --max-memory "
+              f"{cfg.max_memory / 1e6:.1f} MB ({stored / cfg.max_memory:.1f}x smaller); "
+              f"device {pick_device()}; torch threads {torch.get_num_threads()}")
+        t_raw, nbytes = raw_pass(url, store)
+        t_store = store_pass(store, cfg)
+        t_raw2, _ = raw_pass(url, store)
+        t_raw = min(t_raw, t_raw2)
+        print(f"raw pass (chunk bytes read + widened, numpy): {t_raw:.2f}s "
+              f"({nbytes / 1e6 / t_raw:.0f} MB/s of stored bytes)")
+        print(f"store pass (read + decode + widen, every layer): {t_store:.2f}s  "
+              f"ratio store/raw throughput: {t_raw / t_store:.2f}x (goal >= 0.5)")
+        t_ooc, ooc = timed(train_probes, store, cfg)
+        print(f"out-of-core probe: {t_ooc:.1f}s, {ooc.passes} passes over the store "
+              f"(iterations {ooc.iterations}); "
+              f"{t_ooc / ooc.passes:.2f}s per pass = {t_ooc / ooc.passes / t_store:.1f}x a store pass")
+        t_mem, mem = timed(train_probes, store, cfg.model_copy(update={"max_memory": 64 * stored}))
+        gap = (ooc.metrics["test_accuracy"] - mem.metrics["test_accuracy"]).abs().max()
+        both = mem.metrics[["layer", "strength", "test_accuracy"]].merge(
+            ooc.metrics[["layer", "strength", "test_accuracy"]], on="layer",
+            suffixes=("_in_memory", "_out_of_core"))
+        print(both.to_string(index=False))
+        print(f"in-memory probe: {t_mem:.1f}s ({mem.passes} pass); out-of-core/in-memory time "
+              f"{t_ooc / t_mem:.2f}x; max per-layer test-accuracy gap: {100 * gap:.2f} points "
+              "(goal <= 0.5)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", help="a store URL (default: a synthetic in-memory store)")
     ap.add_argument("--label", default="label")
     ap.add_argument("--split-column", help="a train/test/val column (default: hash split)")
-    ap.add_argument("--rows", type=int, default=8000)
-    ap.add_argument("--hidden", type=int, default=384)
-    ap.add_argument("--layers", type=int, default=7)
+    ap.add_argument("--rows", type=int, default=None)
+    ap.add_argument("--hidden", type=int, default=None)
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--out-of-core", action="store_true",
+                    help="a store 10x the budget: passes, pass speed, gap to in-memory")
+    ap.add_argument("--gpu", action="store_true", help="with --out-of-core: CUDA, else skip")
     args = ap.parse_args()
+    big = args.out_of_core
+    args.rows = args.rows or (60_000 if big else 8000)
+    args.hidden = args.hidden or (512 if big else 384)
+    args.layers = args.layers or (3 if big else 7)
+    if args.out_of_core:
+        out_of_core(args)
+        return
     if args.store:
         from actcache.store import open_store
 

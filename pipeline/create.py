@@ -23,7 +23,9 @@ from actcache.schemas.store import Manifest
 CODEC = "none"
 # Format 2: every activation chunk ends in its crc32c, checked on each read.
 CHECKSUM_CODECS: tuple[Any, ...] = (Crc32cCodec(),)
-MAX_CHUNK_ROWS = 256
+# Chunks of up to 1,024 rows: a pass over a store reads 1.7x faster than with 256-row
+# chunks (zarr's cost is per chunk; benchmarks/bench_probes.py --out-of-core).
+MAX_CHUNK_ROWS = 1024
 MAX_TOKEN_CHUNK = 4096
 
 

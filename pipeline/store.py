@@ -31,6 +31,16 @@ def decode(values: np.ndarray, dtype: str) -> np.ndarray:
     return values.astype(np.float32, copy=False)
 
 
+def widen(values: np.ndarray, dtype: str, out: np.ndarray) -> None:
+    """Stored values into the float32 array ``out`` of their shape, with no temporary."""
+    if dtype == "bfloat16":
+        bits = out.view(np.uint32)
+        np.copyto(bits, values, casting="unsafe")
+        np.left_shift(bits, 16, out=bits)
+    else:
+        np.copyto(out, values, casting="unsafe")
+
+
 def read_units(group: Any) -> list[layout.UnitReceipt]:
     """Receipts of every complete unit, by unit index."""
     with warnings.catch_warnings():
@@ -250,6 +260,13 @@ class Store:
     def read_block(self, layer: int, pooling: str | None, start: int, stop: int) -> np.ndarray:
         """Contiguous store rows [start, stop)."""
         return self.read(layer, pooling, np.arange(start, min(stop, self.n_rows)))
+
+    def read_stored(self, layer: int, pooling: str | None, start: int, stop: int) -> np.ndarray:
+        """Contiguous store rows [start, stop) of a pooled layer as stored (``widen`` them):
+        the block reader widens straight into its own float32 block, with no copy between."""
+        key = layout.activation_key(self.resolve_pooling(pooling), self.resolve_layer(layer))
+        slots = self._slots[start:min(stop, self.n_rows)]
+        return self._checked(key, slots, int(self.manifest["rows_per_unit"]))
 
     def token_lengths(self, rows: RowsLike = None) -> np.ndarray:
         if "tokens" not in self.poolings:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -114,9 +115,10 @@ class _Gram:
                      self.zy + o.zy, self.yy + o.yy)
 
 
-def gram_pass(source: BlockSource, data: ProbeData, layers: list[int],
+def gram_pass(source: Any, data: ProbeData, layers: list[int],
               mom: Moments | None = None) -> list[tuple[_Gram, _Gram]]:
-    """Fit-part and validation-part moments of standardised blocks (targets: labels, control).
+    """Fit-part and validation-part moments of the blocks of ``source`` (a ``BlockSource``,
+    or an out-of-core sample; targets: labels, control).
 
     With ``mom``, blocks hold the raw activations and are standardised here in float64:
     ridge needs that accuracy (the Gram matrices of real hidden states are ill-conditioned,

@@ -29,6 +29,7 @@ from actcache.schemas.errors import (
     StoreIncompleteError,
 )
 from actcache.schemas.probe import ProbeConfig, ProbeKind, Task
+from actcache.store import widen
 
 UNUSED, FIT, VAL, TEST = 0, 1, 2, 3
 SPLIT_VALUES = ("train", "test", "val")
@@ -366,8 +367,14 @@ class BlockSource:
         order = np.concatenate([np.flatnonzero(role == r) for r in (FIT, VAL, TEST)])
         counts = [int((role == r).sum()) for r in (FIT, VAL, TEST)]
         x = np.empty((len(self.data.layers), len(order), self.data.hidden), dtype=np.float32)
+        stored = getattr(self.store, "read_stored", None)
+        everything = len(order) == stop - start and bool(np.all(order[1:] > order[:-1]))
         for i, layer in enumerate(self.data.layers):
-            x[i] = self.store.read_block(layer, self.data.pooling, start, stop)[order]
+            if stored is None:  # stores without a zarr layout (test doubles): float32 rows
+                x[i] = self.store.read_block(layer, self.data.pooling, start, stop)[order]
+                continue
+            values = stored(layer, self.data.pooling, start, stop)
+            widen(values if everything else values[order], self.store.dtype, x[i])
         self.reads.values += len(order) * len(self.data.layers)
         block = Block(start, start + order, x, *counts)
         if self._transform is not None:
@@ -460,8 +467,10 @@ def bound_allocator(threshold: int = 1 << 20) -> bool:
 def plan_blocks(store: Any, data: ProbeData, budget: int, cols: int) -> tuple[int, bool]:
     """Rows per block (a multiple of the store's chunk) and whether every block fits cached.
 
-    A streamed block lives about five times at once (being read, queued, transformed and
-    consumed); each row also carries ``cols`` float32 logits and their gradients per layer.
+    Streamed, four blocks live at once at most: the one consumed, the one queued, the one
+    being read and widened (standardised in place), and the stored values of one of its
+    layers being gathered; each row also carries ``cols`` float32 logits and their
+    gradients per layer.
     """
     n_layers, hidden = len(data.layers), data.hidden
     row_x = n_layers * hidden * 4
@@ -471,5 +480,5 @@ def plan_blocks(store: Any, data: ProbeData, budget: int, cols: int) -> tuple[in
     if (n_used * row_x) * 2 + chunk * (row_x + row_work) * 2 <= budget:
         cache_rows = (budget - n_used * row_x * 2) // (2 * (row_x + row_work))
         return max(chunk, (cache_rows // chunk) * chunk), True
-    rows = budget // (5 * row_x + row_work)
+    rows = budget // (4 * row_x + row_work)
     return max(chunk, (rows // chunk) * chunk), False

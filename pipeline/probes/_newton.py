@@ -60,14 +60,14 @@ _NATIVE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 def plan_stream(store: Any, data: ProbeData, budget: int, cols: int) -> tuple[int, int]:
     """Rows per streamed block and rows of the sample, for one layer group.
 
-    A quarter of the budget goes to the streamed blocks (five alive at once, as in
+    A quarter of the budget goes to the streamed blocks (four alive at once, as in
     ``plan_blocks``), the rest to the sample as stored plus one standardised chunk of it.
     """
     n_layers, hidden = len(data.layers), data.hidden
     row_x, row_work = n_layers * hidden * 4, n_layers * cols * 4 * 4 * 2
     chunk = max(1, int(store.chunk_rows))
-    rows = max(chunk, ((budget // 4) // (5 * row_x + row_work)) // chunk * chunk)
-    spare = budget - rows * (6 * row_x + 2 * row_work)
+    rows = max(chunk, ((budget // 4) // (4 * row_x + row_work)) // chunk * chunk)
+    spare = budget - rows * (5 * row_x + 2 * row_work)
     per_row = Sample.row_bytes(n_layers, hidden, str(getattr(store, "dtype", "float32")))
     return rows, max(2 * data.n_classes, spare // per_row)
 
@@ -171,17 +171,24 @@ class _Sets:
         val = (correct / max(n_val, 1)).cpu().numpy(), (loss / max(n_val, 1)).cpu().numpy()
         return torch.cat([a for a, _ in outs], 1), torch.cat([b for _, b in outs], 1), *val
 
-    def hess_vec(self, sample: Sample, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The sample's Hessian (penalty included) times ``v``, every problem at once."""
-        out = torch.zeros_like(v)
-        for block in sample.blocks():
-            for batch, rows, sl, _, _ in self.each():
-                batch.hess_vec(block, theta[:, sl], v[:, sl], rows, out[:, sl])
-        for batch, _, sl, n_full, n_s in self.each():
-            reg = 1.0 / (batch.strengths.to(torch.float64) * n_full)
-            out[:, sl] /= n_s
-            out[:, sl, :-1] += reg[:, :, None, None] * v[:, sl, :-1]
-        return out
+    def hess_vec(self, sample: Sample, theta: torch.Tensor) -> Any:
+        """``v ↦`` the sample's Hessian at ``theta`` (penalty included) times ``v``, every
+        problem at once; the curvature weights of every sample row are computed once."""
+        weights = [[batch.curvature(block, theta[:, sl], rows)
+                    for batch, rows, sl, _, _ in self.each()] for block in sample.blocks()]
+
+        def apply(v: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros_like(v)
+            for block, per_set in zip(sample.blocks(), weights, strict=True):
+                for (batch, rows, sl, _, _), w in zip(self.each(), per_set, strict=True):
+                    batch.hess_vec(block, w, v[:, sl], rows, out[:, sl])
+            for batch, _, sl, n_full, n_s in self.each():
+                reg = 1.0 / (batch.strengths.to(torch.float64) * n_full)
+                out[:, sl] /= n_s
+                out[:, sl, :-1] += reg[:, :, None, None] * v[:, sl, :-1]
+            return out
+
+        return apply
 
 
 def _pcg(apply: Any, g: torch.Tensor, precond: Precond | None, live: torch.Tensor
@@ -300,10 +307,11 @@ def fit_streamed(source: BlockSource, sample: Sample, data: ProbeData, config: P
         fresh = ok & ~done
         if bool(fresh.any()):
             steps += 1
-            def newton(q: torch.Tensor, at: torch.Tensor = x, live: torch.Tensor = fresh
+            hess = exact.hess_vec(sample, x)
+
+            def newton(q: torch.Tensor, live: torch.Tensor = fresh, hess: Any = hess
                        ) -> torch.Tensor:
-                d_q = _pcg(lambda v: exact.hess_vec(sample, at, v), q.view(shape), precond, live)
-                return -d_q.reshape(flat)
+                return -_pcg(hess, q.view(shape), precond, live).reshape(flat)
 
             direction = -_two_loop(g.reshape(flat), hist, torch.ones_like(f), newton).view(shape)
             d = torch.where(fresh[..., None, None], direction, d)

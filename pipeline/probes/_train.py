@@ -129,21 +129,27 @@ class LogisticBatch:
 
         return fun
 
-    def hess_vec(self, block: Block, theta: torch.Tensor, v: torch.Tensor, rows: RowSet,
-                 out: torch.Tensor) -> int:
-        """Add one block's ``Σ_rows ∇²loss(theta) · v`` into ``out``; returns its rows."""
-        sl = _rows(block, rows)
-        x = block.x[:, sl]
-        if x.shape[1] == 0:
-            return 0
-        z = self.logits(x, theta)
-        r = self.logits(x, v)  # the direction's logits, bias included
+    def curvature(self, block: Block, theta: torch.Tensor, rows: RowSet) -> torch.Tensor:
+        """Per row and problem, what the loss's Hessian at ``theta`` weighs a direction by:
+        ``σ(1-σ)`` (binary) or the class probabilities (softmax)."""
+        z = self.logits(block.x[:, _rows(block, rows)], theta)
         if self.k == 1:
             s = torch.sigmoid(z)
-            u = s * (1 - s) * r
+            return s * (1 - s)
+        return torch.softmax(z, dim=-1)
+
+    def hess_vec(self, block: Block, weights: torch.Tensor, v: torch.Tensor, rows: RowSet,
+                 out: torch.Tensor) -> int:
+        """Add one block's ``Σ_rows ∇²loss · v`` into ``out``, ``weights`` from
+        ``curvature``; returns the block's rows."""
+        x = block.x[:, _rows(block, rows)]
+        if x.shape[1] == 0:
+            return 0
+        r = self.logits(x, v)  # the direction's logits, bias included
+        if self.k == 1:
+            u = weights * r
         else:
-            p = torch.softmax(z, dim=-1)
-            u = p * r - p * (p * r).sum(-1, keepdim=True)
+            u = weights * r - weights * (weights * r).sum(-1, keepdim=True)
         n_l, b, pp, k = u.shape
         hw = torch.bmm(u.reshape(n_l, b, pp * k).to(self.dtype).transpose(1, 2), x)
         out[:, :, :-1, :] += hw.double().view(n_l, pp, k, -1).permute(0, 1, 3, 2)

@@ -288,7 +288,12 @@ Fitted = dict[str, tuple[list[float] | None, list[ZWeights]]]
 def _standardiser(mom: _closed.Moments, device: torch.device, dtype: torch.dtype) -> Any:
     mean_t = torch.from_numpy(mom.mean).float().to(device)[:, None, :]
     std_t = torch.from_numpy(mom.std).float().to(device)[:, None, :]
-    return lambda x: ((torch.from_numpy(x).to(device) - mean_t) / std_t).to(dtype)
+
+    def apply(x: np.ndarray) -> torch.Tensor:
+        # In place: on the CPU the block's own float32 array becomes the standardised one.
+        return torch.from_numpy(x).to(device).sub_(mean_t).div_(std_t).to(dtype)
+
+    return apply
 
 
 def _fit_group(source: BlockSource, data: ProbeData, config: ProbeConfig, device: torch.device,

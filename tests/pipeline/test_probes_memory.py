@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from actcache.probes import train_probes
+from actcache.probes.testing import assert_close_to_in_memory
 from actcache.schemas.probe import ProbeConfig
 from actcache.testing import synthetic_store
 
@@ -97,18 +97,16 @@ def test_store_four_times_the_budget_trains_within_it(stores):
     assert got["growth"] < BUDGET + CONSTANT, got
 
 
-def test_streaming_a_real_store_equals_reading_it_whole(stores):
-    """Same store, same seed: with a budget that forces streaming and with the default."""
+def test_streaming_a_real_store_matches_reading_it_whole(stores):
+    """Same store, same seed: with a budget that forces streaming and with the default.
+    Ridge and mean-diff are equal; logistic lands within the stated tolerance."""
     url = str(stores["warm"][0])
     cfg = ProbeConfig(label="label", probes=["logistic", "ridge", "mean-diff"],
                       strengths=[0.1, 1.0], precision="fp32")
     whole = train_probes(url, cfg)
     streamed = train_probes(url, cfg.model_copy(update={"max_memory": MiB}))
-    pd.testing.assert_frame_equal(whole.metrics, streamed.metrics, atol=1e-4, rtol=0)
-    assert whole.tensors.keys() == streamed.tensors.keys()
-    for key, w in whole.tensors.items():
-        np.testing.assert_allclose(streamed.tensors[key], w, rtol=1e-3,
-                                   atol=1e-3 * np.abs(w).max(), err_msg=key)
+    assert whole.passes == 1 and streamed.passes > 1
+    assert_close_to_in_memory(whole, streamed)
 
 
 @pytest.mark.slow
