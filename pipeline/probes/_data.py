@@ -32,6 +32,8 @@ from actcache.schemas.probe import ProbeConfig, ProbeKind, Task
 from actcache.store import widen
 
 UNUSED, FIT, VAL, TEST = 0, 1, 2, 3
+#: Fewest rows a streamed block is cut to when whole chunks do not fit the budget.
+MIN_BLOCK_ROWS = 256
 SPLIT_VALUES = ("train", "test", "val")
 #: Under ``task: auto``, an integer column with more distinct values than this is a regression.
 AUTO_MAX_CLASSES = 20
@@ -480,5 +482,8 @@ def plan_blocks(store: Any, data: ProbeData, budget: int, cols: int) -> tuple[in
     if (n_used * row_x) * 2 + chunk * (row_x + row_work) * 2 <= budget:
         cache_rows = (budget - n_used * row_x * 2) // (2 * (row_x + row_work))
         return max(chunk, (cache_rows // chunk) * chunk), True
+    # Whole chunks read fastest, but a small budget takes part of one (zarr decodes the
+    # chunk and keeps only the rows asked for).
+    unit = min(chunk, MIN_BLOCK_ROWS)
     rows = budget // (4 * row_x + row_work)
-    return max(chunk, (rows // chunk) * chunk), False
+    return max(unit, (rows // unit) * unit), False

@@ -32,7 +32,15 @@ import numpy as np
 import torch
 
 from actcache.probes import _closed
-from actcache.probes._data import FIT, VAL, Block, BlockSource, ProbeData, hash_unit
+from actcache.probes._data import (
+    FIT,
+    MIN_BLOCK_ROWS,
+    VAL,
+    Block,
+    BlockSource,
+    ProbeData,
+    hash_unit,
+)
 from actcache.probes._train import (
     LogisticBatch,
     Precond,
@@ -65,8 +73,9 @@ def plan_stream(store: Any, data: ProbeData, budget: int, cols: int) -> tuple[in
     """
     n_layers, hidden = len(data.layers), data.hidden
     row_x, row_work = n_layers * hidden * 4, n_layers * cols * 4 * 4 * 2
-    chunk = max(1, int(store.chunk_rows))
-    rows = max(chunk, ((budget // 4) // (4 * row_x + row_work)) // chunk * chunk)
+    # As in ``plan_blocks``: whole chunks, or part of one rather than starve the sample.
+    unit = min(max(1, int(store.chunk_rows)), MIN_BLOCK_ROWS)
+    rows = max(unit, ((budget // 4) // (4 * row_x + row_work)) // unit * unit)
     spare = budget - rows * (5 * row_x + 2 * row_work)
     per_row = Sample.row_bytes(n_layers, hidden, str(getattr(store, "dtype", "float32")))
     return rows, max(2 * data.n_classes, spare // per_row)
