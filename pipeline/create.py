@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zarr.codecs import Crc32cCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from actcache.schemas import store as layout
 from actcache.schemas.errors import StoreMismatchError
@@ -18,9 +18,11 @@ from actcache.schemas.store import Manifest
 # Measured by benchmarks/bench_codec.py (figures and the reasoning in docs/STORE.md): a
 # store is written once and read many times (every probe pass, query, loader epoch), and
 # every compressor measured costs about half of read throughput to save 0-8% of disk on
-# float16 (a quarter on bfloat16). Stores written before keep reading: zarr takes each
-# array's codecs from its own metadata, and the manifest records the codec.
-CODEC = "none"
+# pooled float16 (a quarter on bfloat16), so pooled layers are stored raw. Token arrays
+# keep zstd: each unit's shard reserves max_length slots per row, and the unused slots are
+# zeros that only a compressor keeps off the disk. Stores written before keep reading: zarr
+# takes each array's codecs from its own metadata, and the manifest records the codec.
+CODEC = "none; tokens blosc-zstd-3-shuffle"
 # Format 2: every activation chunk ends in its crc32c, checked on each read.
 CHECKSUM_CODECS: tuple[Any, ...] = (Crc32cCodec(),)
 # Chunks of up to 1,024 rows: a pass over a store reads 1.7x faster than with 256-row
@@ -29,8 +31,10 @@ MAX_CHUNK_ROWS = 1024
 MAX_TOKEN_CHUNK = 4096
 
 
-def compressors() -> tuple[Any, ...]:
-    """The activation arrays' compressors (``CODEC``): none."""
+def compressors(pooling: str) -> tuple[Any, ...]:
+    """The compressors of a pooling's activation arrays (``CODEC``)."""
+    if pooling == "tokens":
+        return (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),)
     return ()
 
 
@@ -110,7 +114,7 @@ def create_store(group: Any, manifest: Manifest) -> None:
                 fill_value=0,
                 # crc32c last: a chunk changed at rest fails its read instead
                 # of decoding to plausible values (cost: benchmarks/bench_checksum.py).
-                compressors=(*compressors(), *CHECKSUM_CODECS),
+                compressors=(*compressors(pooling), *CHECKSUM_CODECS),
                 attributes=attrs,
                 dimension_names=(layout.ROW_DIM if pooling != "tokens" else "token_slot", "hidden"),
             )
