@@ -11,11 +11,16 @@ passes). Here every pass over the store is one Newton step for every problem at 
    whole split's rows so the sample's problem estimates the whole one.
 3. Polish: each pass evaluates the exact objective, gradient and validation scores of
    every problem over the whole store (float32 matmuls, float64 sums). A problem whose
-   step decreased its objective enough (Armijo) takes the Newton direction
-   ``-H_sample⁻¹ · gradient`` next, solved by preconditioned conjugate gradients on the
-   sample; one whose step did not retries a shorter one (quadratic interpolation). A
-   problem stops when its largest gradient entry is at most ``tol``, the test of a
-   full-batch fit, so the answer does not depend on the sample beyond that tolerance.
+   step decreased its objective enough (Armijo) takes a quasi-Newton step next: L-BFGS's
+   two-loop recursion over the exact (step, gradient change) pairs of its earlier passes,
+   whose initial inverse Hessian is the sample's Hessian at the current point, inverted
+   by preconditioned conjugate gradients. The sample gives the curvature everywhere at
+   once; the pairs correct it along the directions travelled, where a sample of a few
+   thousand rows is least exact for a weakly penalised fit. A problem whose step did not
+   decrease enough retries a shorter one (quadratic interpolation). A problem stops when
+   its largest gradient entry is at most ``tol``, the test of a full-batch fit, so the
+   answer does not depend on the sample beyond that tolerance; ``MAX_POLISH_PASSES`` is
+   a safeguard, and problems it stops are counted as ``unconverged``.
 
 The select problems (fit rows, every C) and the refit problems (all train rows, every C,
 labels and control labels) are polished together, so the C chosen on validation after the
@@ -285,15 +290,13 @@ def fit_streamed(source: BlockSource, sample: Sample, data: ProbeData, config: P
     steps = 0
     for polish in range(MAX_POLISH_PASSES):
         f_t, g_t, acc_t, loss_t = exact.full_pass(source, trial)
+        ok = torch.ones_like(done)
         if polish:
             # Armijo; or, where the change is within the float noise of the objective's sums
             # (near the optimum), a smaller gradient.
             noise = (f_t - f).abs() <= 1e-7 * f.abs()
             smaller = g_t.abs().amax((2, 3)) < g.abs().amax((2, 3))
             ok = torch.isfinite(f_t) & ((f_t <= f + 1e-4 * t * gd) | (noise & smaller)) & ~done
-        else:
-            ok = torch.ones_like(done)
-        if polish:
             # The exact curvature along the step taken corrects the sample's (L-BFGS pairs).
             step = (trial - x).reshape(flat) * ok[..., None]
             change = (g_t - g).reshape(flat) * ok[..., None]
@@ -336,4 +339,6 @@ def fit_streamed(source: BlockSource, sample: Sample, data: ProbeData, config: P
     per_task = [[(out[i, j * s + best[i], :-1, :], out[i, j * s + best[i], -1, :])
                  for i in range(n_l)] for j in range(len(targets))]
     chosen = [float(config.strengths[b]) for b in best]
-    return chosen, per_task, {"sample": int(max(it_a.max(), it_b.max())), "newton": steps}
+    converged = g.abs().amax((2, 3)) <= config.tol
+    return chosen, per_task, {"sample": int(max(it_a.max(), it_b.max())), "newton": steps,
+                              "unconverged": int((~converged).sum())}

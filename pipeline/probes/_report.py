@@ -138,6 +138,12 @@ def print_report(result: ProbeResult, console: Console, out: Path | None = None)
     if unlabelled:
         console.print(f"{unlabelled} rows have no {result.metadata['label_column']!r} label "
                       "and were left out")
+    if result.passes > 1:
+        console.print(f"the rows exceed --max-memory: read the store in {result.passes:g} passes")
+    unconverged = result.iterations.get("unconverged", 0)
+    if unconverged:
+        console.print(f"warning: {unconverged} logistic fits stopped at the pass limit before "
+                      "reaching the tolerance (tol); a larger --max-memory gives a larger sample")
     console.print(summary_line(result, out))
 
 
