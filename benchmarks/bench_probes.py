@@ -80,7 +80,7 @@ def write_store(folder: str, rows: int, hidden: int, layers: int) -> str:
             for i, v in enumerate(store.metadata["label"])]
     url = str(Path(folder) / "ooc.zarr")
     synthetic_store(url, {i: store.read(i) for i in range(layers)}, metadata=meta,
-                    rows_per_unit=4096, dtype="float16")
+                    rows_per_unit=1024, dtype="float16")  # a job's default unit
     return url
 
 

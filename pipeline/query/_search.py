@@ -1,8 +1,10 @@
 """Top-k along a direction and nearest neighbours, streamed block by block.
 
 A layer is read in blocks of whole chunks, in physical order, and scored as it comes; a
-running top-k keeps at most ``k`` candidates (plus any ties at the cut) between blocks,
-so memory is bounded by one block whatever the store's size. Ranks are by score
+running top-k keeps at most ``k`` candidates (plus any ties at the cut) between blocks.
+Memory is bounded whatever the store's size: one float32 block (``BLOCK_BYTES``), the
+stored values it is widened from while it is read (half a block for 16-bit stores), and
+the scoring's row-by-row work, done ``SCORE_BYTES`` at a time. Ranks are by score
 descending, ties by store row order, exactly as a brute-force sort would give.
 """
 
@@ -24,6 +26,8 @@ METRICS = ("cosine", "dot", "euclidean")
 BLOCK_BYTES = 32 * 2**20
 """float32 bytes per block: large enough that per-call overhead vanishes, small enough
 to be negligible next to a machine's memory."""
+SCORE_BYTES = 2**20
+"""float32 bytes of a block scored at once where scoring needs a temporary per value."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,11 @@ def iter_blocks(
             raw = store._checked(layout.activation_key(name, index), np.arange(lo, hi),
                                  int(store.manifest["rows_per_unit"]))
         values = decode(raw, store.dtype)
-        yield positions[i:j], values[slots[i:j] - lo]
+        del raw  # the stored values: only the widened block stays
+        picked = slots[i:j] - lo
+        everything = len(picked) == len(values)  # slots are sorted and distinct
+        yield positions[i:j], values if everything else values[picked]
+        del values
         i = j
 
 
@@ -160,9 +168,15 @@ def similarity(x: np.ndarray, query: np.ndarray, metric: str) -> np.ndarray:
     if metric == "dot":
         return x @ query
     if metric == "euclidean":
-        # 0 - d, not -d: a row equal to the query scores 0, not -0.
-        return 0.0 - np.sqrt(np.square(x - query).sum(axis=1, dtype=np.float32))
-    norms = np.linalg.norm(x, axis=1) * np.float32(np.linalg.norm(query))
+        # A slice of rows at a time: the differences are a temporary as large as the rows.
+        step = max(1, SCORE_BYTES // max(1, x.shape[1] * 4))
+        out = np.empty(len(x), dtype=np.float32)
+        for lo in range(0, len(x), step):
+            diff = x[lo:lo + step] - query
+            # 0 - d, not -d: a row equal to the query scores 0, not -0.
+            out[lo:lo + step] = 0.0 - np.sqrt(np.einsum("ij,ij->i", diff, diff))
+        return out
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x)) * np.float32(np.linalg.norm(query))
     dots = x @ query
     return np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
 
