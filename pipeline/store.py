@@ -41,7 +41,10 @@ def widen(values: np.ndarray, dtype: str, out: np.ndarray) -> None:
     """
     import torch
 
-    src = torch.from_numpy(np.ascontiguousarray(values))
+    with warnings.catch_warnings():
+        # zarr hands back read-only arrays; torch warns about writes that never happen here.
+        warnings.simplefilter("ignore", UserWarning)
+        src = torch.from_numpy(np.ascontiguousarray(values))
     if dtype == "bfloat16":
         src = src.view(torch.bfloat16)  # the stored bits are bfloat16's: widening is exact
     torch.from_numpy(out).copy_(src)

@@ -34,6 +34,8 @@ from actcache.store import widen
 UNUSED, FIT, VAL, TEST = 0, 1, 2, 3
 #: Fewest rows a streamed block is cut to when whole chunks do not fit the budget.
 MIN_BLOCK_ROWS = 256
+#: Streamed blocks in existence at once: the caller's and the one read behind it.
+PREFETCH = 2
 SPLIT_VALUES = ("train", "test", "val")
 #: Under ``task: auto``, an integer column with more distinct values than this is a regression.
 AUTO_MAX_CLASSES = 20
@@ -396,12 +398,21 @@ class BlockSource:
         yield from self._prefetch([self._spans[i] for i in order])
 
     def _prefetch(self, spans: list[tuple[int, int]]) -> Iterator[Block]:
-        q: queue.Queue[Any] = queue.Queue(maxsize=1)
+        """The blocks of ``spans``, each read while the caller works on the one before.
+
+        At most two blocks exist at once (``PREFETCH``): the caller's and the next, which
+        the reader thread starts only once the caller has let go of the one before it.
+        """
+        q: queue.Queue[Any] = queue.Queue()
         stop = threading.Event()
+        slots = threading.Semaphore(PREFETCH)
 
         def work() -> None:
             try:
                 for span in spans:
+                    while not slots.acquire(timeout=0.05):
+                        if stop.is_set():
+                            return
                     if stop.is_set():
                         return
                     q.put(self._read(*span))
@@ -416,13 +427,10 @@ class BlockSource:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
+                del item
+                slots.release()
         finally:
             stop.set()
-            while thread.is_alive():
-                try:
-                    q.get(timeout=0.05)
-                except queue.Empty:
-                    pass
             thread.join()
 
 
@@ -469,10 +477,11 @@ def bound_allocator(threshold: int = 1 << 20) -> bool:
 def plan_blocks(store: Any, data: ProbeData, budget: int, cols: int) -> tuple[int, bool]:
     """Rows per block (a multiple of the store's chunk) and whether every block fits cached.
 
-    Streamed, four blocks live at once at most: the one consumed, the one queued, the one
-    being read and widened (standardised in place), and the stored values of one of its
-    layers being gathered; each row also carries ``cols`` float32 logits and their
-    gradients per layer.
+    Streamed, ``PREFETCH`` blocks live at once (the one consumed and the one being read,
+    standardised in place), plus the stored values of one of its layers being widened
+    (``stream_rows``). Whole chunks read fastest (zarr decodes a whole chunk to return
+    part of one), so blocks are whole chunks when those fit. Each row also carries
+    ``cols`` float32 logits and their gradients per layer.
     """
     n_layers, hidden = len(data.layers), data.hidden
     row_x = n_layers * hidden * 4
@@ -482,8 +491,15 @@ def plan_blocks(store: Any, data: ProbeData, budget: int, cols: int) -> tuple[in
     if (n_used * row_x) * 2 + chunk * (row_x + row_work) * 2 <= budget:
         cache_rows = (budget - n_used * row_x * 2) // (2 * (row_x + row_work))
         return max(chunk, (cache_rows // chunk) * chunk), True
-    # Whole chunks read fastest, but a small budget takes part of one (zarr decodes the
-    # chunk and keeps only the rows asked for).
-    unit = min(chunk, MIN_BLOCK_ROWS)
-    rows = budget // (4 * row_x + row_work)
-    return max(unit, (rows // unit) * unit), False
+    return stream_rows(chunk, budget, n_layers, hidden, row_work), False
+
+
+def stream_rows(chunk: int, budget: int, n_layers: int, hidden: int, row_work: int) -> int:
+    """Rows per streamed block: whole chunks when one fits ``budget``, else a part.
+
+    Per row: ``PREFETCH`` float32 rows of every layer, one layer's stored values and their
+    reordered copy (at most 4 bytes a value each), and ``row_work``.
+    """
+    row_bytes = PREFETCH * n_layers * hidden * 4 + 2 * hidden * 4 + row_work
+    unit = chunk if chunk * row_bytes <= budget else min(chunk, MIN_BLOCK_ROWS)
+    return max(unit, (budget // row_bytes) // unit * unit)

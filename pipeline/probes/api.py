@@ -331,13 +331,12 @@ def _fit_streamed(store: Any, data: ProbeData, config: ProbeConfig, device: torc
     parts = []
     for layer in data.layers:
         one = replace(data, layers=(layer,))
-        block_rows, capacity = _newton.plan_stream(store, one, config.max_memory, cols)
+        block_rows, capacity, work = _newton.plan_stream(store, one, config.max_memory, cols)
         source = BlockSource(store, one, block_rows, False, config.seed, reads)
         sample = None
         if ProbeKind.LOGISTIC in config.probes and not data.regression:
             rows = _newton.sample_rows(one, store.ids, capacity, config.seed)
-            sample = _newton.Sample(one, rows, str(getattr(store, "dtype", "float32")),
-                                    block_rows)
+            sample = _newton.Sample(one, rows, str(getattr(store, "dtype", "float32")), work)
         parts.append(_fit_group(source, one, config, device, dtype, sample))
     mom = _closed.Moments(np.concatenate([m.mean for m, _, _ in parts]),
                           np.concatenate([m.std for m, _, _ in parts]),
