@@ -2,9 +2,10 @@
 
 A layer is read in blocks of whole chunks, in physical order, and scored as it comes; a
 running top-k keeps at most ``k`` candidates (plus any ties at the cut) between blocks.
-Memory is bounded whatever the store's size: one float32 block (``BLOCK_BYTES``), the
-stored values it is widened from while it is read (half a block for 16-bit stores), and
-the scoring's row-by-row work, done ``SCORE_BYTES`` at a time. Ranks are by score
+Memory is bounded whatever the store's size, at about two blocks: one float32 block
+(``BLOCK_BYTES``) and, while it is read, the stored values it is widened from with zarr's
+buffers for them (together one more block for a float16 store, measured), plus the
+scoring's row-by-row work, done ``SCORE_BYTES`` at a time. Ranks are by score
 descending, ties by store row order, exactly as a brute-force sort would give.
 """
 
@@ -160,6 +161,7 @@ def topk(
     top = RunningTopK(k)
     for positions, x in iter_blocks(store, layer, pooling, rows):
         top.push(x @ w, positions)
+        del x  # before the next block is read: one block alive, not two
     return _ranking(store, top)
 
 
@@ -202,4 +204,5 @@ def nearest(
     top = RunningTopK(k)
     for positions, x in iter_blocks(store, layer, pooling, rows):
         top.push(similarity(x, q, metric), positions)
+        del x  # before the next block is read: one block alive, not two
     return _ranking(store, top)
