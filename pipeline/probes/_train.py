@@ -85,12 +85,16 @@ class LogisticBatch:
             return 0
         loss, resid = self._loss_resid(self.logits(x, theta), self._labels(block, sl))
         f += loss.sum(1).double()
-        n_l, b, p, k = resid.shape
-        # (P·K, rows) @ (rows, hidden): the row-major operand streams once, fastest on CPU
-        gw = torch.bmm(resid.reshape(n_l, b, p * k).to(self.dtype).transpose(1, 2), x)
-        g[:, :, :-1, :] += gw.double().view(n_l, p, k, -1).permute(0, 1, 3, 2)
-        g[:, :, -1, :] += resid.sum(1).double()
+        self._add_back(resid, x, g)
         return int(x.shape[1])
+
+    def _add_back(self, u: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
+        """``out += [x, 1]ᵀ u``: per-row (layers, rows, P, K) values back to the weights."""
+        n_l, b, p, k = u.shape
+        # (P·K, rows) @ (rows, hidden): the row-major operand streams once, fastest on CPU
+        back = torch.bmm(u.reshape(n_l, b, p * k).to(self.dtype).transpose(1, 2), x)
+        out[:, :, :-1, :] += back.double().view(n_l, p, k, -1).permute(0, 1, 3, 2)
+        out[:, :, -1, :] += u.sum(1).double()
 
     def value_grad(self, source: BlockSource, theta: torch.Tensor, rows: RowSet, epoch: int
                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -150,10 +154,7 @@ class LogisticBatch:
             u = weights * r
         else:
             u = weights * r - weights * (weights * r).sum(-1, keepdim=True)
-        n_l, b, pp, k = u.shape
-        hw = torch.bmm(u.reshape(n_l, b, pp * k).to(self.dtype).transpose(1, 2), x)
-        out[:, :, :-1, :] += hw.double().view(n_l, pp, k, -1).permute(0, 1, 3, 2)
-        out[:, :, -1, :] += u.sum(1).double()
+        self._add_back(u, x, out)
         return int(x.shape[1])
 
     def tally(self, block: Block, theta: torch.Tensor, rows: RowSet, correct: torch.Tensor,
