@@ -1,11 +1,14 @@
 """``train_probes``: every requested probe on every layer of a store, out-of-core.
 
-Passes over the store: one for the per-layer moments (standardisation, class means), one
-per layer group for ridge's Gram matrices, one per L-BFGS evaluation for the logistic
-probes (all layers × all strengths per pass), and one that scores everything. When the
-used rows fit in ``max_memory`` they are read once and kept; otherwise every pass streams
-chunk-aligned blocks with a background prefetch. A streaming run fixes glibc's mmap
-threshold for the rest of the process (``_data.bound_allocator`` says why).
+When the used rows fit ``max_memory`` they are read once and kept: the moments, ridge's
+Gram matrices, full-batch L-BFGS for the logistic probes (all layers × all strengths per
+evaluation) and the scoring all run on them. Otherwise the store is read layer by layer
+(``_fit_streamed``): one pass for the moments, which also copies a stratified sample of
+the train rows into the budget, one for ridge's Gram matrices, and a few for the logistic
+probes, solved on the sample and polished on the store by one Newton step per pass
+(``_newton``); then one pass over all layers scores everything. ``ProbeResult.passes``
+counts what was read. A streaming run fixes glibc's mmap threshold for the rest of the
+process (``_data.bound_allocator`` says why).
 
 A regression task (numeric labels; ridge only) fits ridge on the number itself from the
 same Gram pass, C chosen on validation MSE. Its metrics rows leave the accuracy columns,
