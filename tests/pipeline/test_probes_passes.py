@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from actcache.probes import train_probes
 from actcache.probes.testing import assert_close_to_in_memory
@@ -52,4 +53,18 @@ def test_store_ten_times_the_budget_takes_few_passes_and_matches_in_memory(store
     assert whole.passes == 1
     assert 2 < streamed.passes <= MAX_PASSES, streamed.iterations
     assert streamed.iterations["newton"] >= 1
+    assert_close_to_in_memory(whole, streamed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_out_of_core_on_the_gpu_matches_in_memory(store):
+    """The same run with the probe on the GPU: the sample, the Newton directions and every
+    pass's arithmetic on the device, the reading on the CPU."""
+    cfg = ProbeConfig(label="label", split_column="split", precision="fp32",
+                      strengths=[0.01, 1.0, 100.0])
+    whole = train_probes(store, cfg)
+    streamed = train_probes(store, cfg.model_copy(update={"max_memory": BUDGET}))
+    assert streamed.device == "cuda" and whole.device == "cuda"
+    assert 2 < streamed.passes <= MAX_PASSES, streamed.iterations
     assert_close_to_in_memory(whole, streamed)
