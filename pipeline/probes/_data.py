@@ -366,11 +366,16 @@ class BlockSource:
             for block in self._cached:
                 block.x = fn(block.x)
 
-    def _read(self, start: int, stop: int) -> Block:
+    def _read(self, start: int, stop: int, buffer: np.ndarray | None = None) -> Block:
+        """Rows [start, stop) of every layer, into ``buffer`` (a flat float32 array) if given."""
         role = self.data.role[start:stop]
         order = np.concatenate([np.flatnonzero(role == r) for r in (FIT, VAL, TEST)])
         counts = [int((role == r).sum()) for r in (FIT, VAL, TEST)]
-        x = np.empty((len(self.data.layers), len(order), self.data.hidden), dtype=np.float32)
+        shape = (len(self.data.layers), len(order), self.data.hidden)
+        if buffer is None:
+            x = np.empty(shape, dtype=np.float32)
+        else:
+            x = buffer[: int(np.prod(shape))].reshape(shape)
         stored = getattr(self.store, "read_stored", None)
         everything = len(order) == stop - start and bool(np.all(order[1:] > order[:-1]))
         for i, layer in enumerate(self.data.layers):
@@ -400,22 +405,25 @@ class BlockSource:
     def _prefetch(self, spans: list[tuple[int, int]]) -> Iterator[Block]:
         """The blocks of ``spans``, each read while the caller works on the one before.
 
-        At most two blocks exist at once (``PREFETCH``): the caller's and the next, which
-        the reader thread starts only once the caller has let go of the one before it.
+        Blocks are read into a ring of ``PREFETCH`` buffers, so that many exist whatever
+        the caller keeps referencing: a buffer is reused once the caller has asked for the
+        block after the one it held (a caller must not keep a block past its iteration).
         """
         q: queue.Queue[Any] = queue.Queue()
         stop = threading.Event()
         slots = threading.Semaphore(PREFETCH)
+        size = len(self.data.layers) * self.block_rows * self.data.hidden
+        ring = [np.empty(size, dtype=np.float32) for _ in range(PREFETCH)]
 
         def work() -> None:
             try:
-                for span in spans:
+                for i, span in enumerate(spans):
                     while not slots.acquire(timeout=0.05):
                         if stop.is_set():
                             return
                     if stop.is_set():
                         return
-                    q.put(self._read(*span))
+                    q.put(self._read(*span, buffer=ring[i % PREFETCH]))
                 q.put(None)
             except BaseException as exc:  # handed to the consumer, re-raised there
                 q.put(exc)
