@@ -49,9 +49,11 @@ from actcache.probes._data import (
     stream_rows,
 )
 from actcache.probes._train import (
+    PRECONDITIONER_BYTES,
     LogisticBatch,
     Precond,
     _two_loop,
+    augmented_eig,
     gram_preconditioner,
     lbfgs,
 )
@@ -64,9 +66,6 @@ MAX_POLISH_PASSES = 16
 CG_ITERATIONS, CG_RTOL = 60, 1e-3
 #: Exact curvature pairs (step, gradient change) kept from the passes, as in L-BFGS.
 HISTORY = 8
-#: Largest size of the preconditioner's float64 Gram matrices and eigenvectors (three
-#: (hidden + 1)² matrices per layer): 256 MiB covers hidden 768 over 13 layers.
-PRECONDITIONER_BYTES = 256 * 2**20
 
 ZWeights = list[tuple[np.ndarray, np.ndarray]]
 _NATIVE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -76,10 +75,11 @@ def plan_stream(store: Any, data: ProbeData, budget: int, cols: int) -> tuple[in
     """Rows per streamed block, rows of the sample and rows the sample is worked on at once,
     for one layer group.
 
-    A quarter of the budget goes to the streamed blocks (as in ``plan_blocks``), the rest to the sample as stored, less one standardised chunk of it
-    with its logits. The sample's size sets how many passes the polish takes, and these
-    passes are bound by their arithmetic, not by reading: measured, giving the blocks half
-    the budget (whole chunks) took 11.7 passes where a quarter took 8.7.
+    A quarter of the budget goes to the streamed blocks (as in ``plan_blocks``), the rest
+    to the sample as stored, less one standardised chunk of it with its logits. The
+    sample's size sets how many passes the polish takes, and these passes are bound by
+    their arithmetic, not by reading: measured, giving the blocks half the budget (whole
+    chunks) took 11.7 passes where a quarter took 8.0.
     """
     n_layers, hidden = len(data.layers), data.hidden
     row_x, row_work = n_layers * hidden * 4, n_layers * cols * 4 * 4 * 2
@@ -145,14 +145,6 @@ class Sample:
             x = ((self.x[:, lo:hi].float() - self._mean) / self._std).to(self.dtype)
             n_fit = min(max(self.n_fit - lo, 0), hi - lo)
             yield Block(-1, self.rows[lo:hi], x, n_fit, hi - lo - n_fit, 0)
-
-
-def _aug_eig(g: _closed._Gram) -> tuple[np.ndarray, np.ndarray]:
-    """Eigen-decomposition of AᵀA for A = [Z, 1]."""
-    h = len(g.sz)
-    a = np.empty((h + 1, h + 1))
-    a[:h, :h], a[:h, h], a[h, :h], a[h, h] = g.zz, g.sz, g.sz, g.n
-    return np.linalg.eigh(a)
 
 
 class _Sets:
@@ -259,7 +251,7 @@ def fit_streamed(source: BlockSource, sample: Sample, data: ProbeData, config: P
         sample.dtype = torch.float32
         grams = _closed.gram_pass(sample, data, list(range(n_l)))
         for i, (batch, _, _, nf, ns) in enumerate(sets.each()):
-            eig = [_aug_eig(fit if i == 0 else fit + val) for fit, val in grams]
+            eig = [augmented_eig(fit if i == 0 else fit + val) for fit, val in grams]
             pre[i] = gram_preconditioner(eig, batch.strengths, ns, k, nf)
 
     # 2. The sample's problem, in the run's precision.

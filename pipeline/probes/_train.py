@@ -185,13 +185,28 @@ class LogisticBatch:
 
 Precond = Callable[[torch.Tensor], torch.Tensor]
 
+#: Largest size of the preconditioner's float64 Gram matrices and eigenvectors (three
+#: (hidden + 1)² matrices per layer): 256 MiB covers hidden 768 over 13 layers. A fixed
+#: cap, not a share of ``max_memory``: a budget must not change which algorithm runs, or
+#: the same store would give different probes with and without ``--max-memory``.
+PRECONDITIONER_BYTES = 256 * 2**20
+
+
+def augmented_eig(g: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-decomposition of AᵀA for A = [Z, 1], from a ``_closed._Gram``."""
+    h = len(g.sz)
+    a = np.empty((h + 1, h + 1))
+    a[:h, :h], a[:h, h], a[h, :h], a[h, h] = g.zz, g.sz, g.sz, g.n
+    return np.linalg.eigh(a)
+
 
 def gram_preconditioner(eig: list[tuple[np.ndarray, np.ndarray]], strengths: torch.Tensor,
                         n: int, k: int, n_reg: int | None = None) -> Precond:
     """Inverse of ``c·AᵀA/n + I/(C n)`` per problem, A = [Z, 1] (the logistic Hessian at
     zero, c = 1/4 binary, 1/K softmax, plus the penalty), from one eigendecomposition per
-    layer; the penalty's rows are ``n_reg`` when the Gram matrices are a sample's. Used as L-BFGS's initial inverse Hessian, it removes the ill-conditioning that
-    correlated features cause, so fits take tens of iterations rather than hundreds."""
+    layer; the penalty's rows are ``n_reg`` when the Gram matrices are a sample's. Used
+    as L-BFGS's initial inverse Hessian, it removes the ill-conditioning that correlated
+    features cause, so fits take tens of iterations rather than hundreds."""
     dev = strengths.device
     lam = torch.from_numpy(np.stack([e for e, _ in eig])).to(dev)
     vec = torch.from_numpy(np.stack([v for _, v in eig])).to(dev)

@@ -41,7 +41,13 @@ from actcache.probes._data import (
     plan_blocks,
     prepare,
 )
-from actcache.probes._train import LogisticBatch, gram_preconditioner, lbfgs
+from actcache.probes._train import (
+    PRECONDITIONER_BYTES,
+    LogisticBatch,
+    augmented_eig,
+    gram_preconditioner,
+    lbfgs,
+)
 from actcache.schemas.probe import Precision, ProbeConfig, ProbeKind
 
 #: Per layer: (hidden, out) standardised-space weight and (out,) bias.
@@ -167,8 +173,9 @@ def _logistic(source: BlockSource, data: ProbeData, config: ProbeConfig, device:
     pre_a = pre_b = None
     if grams is not None:
         n_fit, n_train = data.count(FIT), data.count(FIT, VAL)
-        pre_a = gram_preconditioner([_aug_eig(f) for f, _ in grams], select.strengths, n_fit, k)
-        eig_b = [_aug_eig(f + v) for f, v in grams]
+        eig_a = [augmented_eig(f) for f, _ in grams]
+        pre_a = gram_preconditioner(eig_a, select.strengths, n_fit, k)
+        eig_b = [augmented_eig(f + v) for f, v in grams]
     theta, it_a = lbfgs(select.objective(source, "fit"), theta0, config.max_iter, config.tol,
                         precond=pre_a)
     acc, loss = select.evaluate(source, theta, "val")
@@ -190,26 +197,11 @@ def _logistic(source: BlockSource, data: ProbeData, config: ProbeConfig, device:
     return chosen, per_task, {"select": int(it_a.max()), "refit": int(it_b.max())}
 
 
-#: Largest size of the preconditioner's float64 Gram matrices and eigenvectors (three
-#: (hidden + 1)² matrices per layer): 256 MiB covers hidden 768 over 13 layers. A fixed
-#: cap, not a share of ``max_memory``: a budget must not change which algorithm runs, or
-#: the same store would give different probes with and without ``--max-memory``.
-PRECONDITIONER_BYTES = 256 * 2**20
-
-
 def _grams(source: BlockSource, data: ProbeData) -> list[Any] | None:
     """Fit and validation Gram matrices of every layer, when they fit the cap."""
     if 3 * len(data.layers) * (data.hidden + 1) ** 2 * 8 > PRECONDITIONER_BYTES:
         return None
     return _closed.gram_pass(source, data, list(range(len(data.layers))))
-
-
-def _aug_eig(g: _closed._Gram) -> tuple[np.ndarray, np.ndarray]:
-    """Eigen-decomposition of AᵀA for A = [Z, 1]."""
-    h = len(g.sz)
-    a = np.empty((h + 1, h + 1))
-    a[:h, :h], a[:h, h], a[h, :h], a[h, h] = g.zz, g.sz, g.sz, g.n
-    return np.linalg.eigh(a)
 
 
 def _ridge(source: BlockSource, data: ProbeData, config: ProbeConfig, mom: _closed.Moments

@@ -259,7 +259,8 @@ def assert_close_to_in_memory(whole: Any, streamed: Any) -> None:
     same_c = whole.metrics["strength"].to_numpy() == streamed.metrics["strength"].to_numpy()
     for key in [k for k in whole.tensors if k.endswith(".weight")]:
         probe, layer = key.split(".")[0], int(key.split(".")[1].removeprefix("layer"))
-        row = ((whole.metrics["probe"] == probe) & (whole.metrics["layer"] == layer)).to_numpy()
+        metrics = whole.metrics
+        row = ((metrics["probe"] == probe) & (metrics["layer"] == layer)).to_numpy()
         if probe == "logistic" and not same_c[row].all():
             continue  # another C on a validation near-tie: accuracies are compared above
         # Weight and bias as one parameter vector, on the scale of its largest entry.
