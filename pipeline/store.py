@@ -19,7 +19,8 @@ from actcache.schemas.errors import (
     StoreCorruptError,
     StoreNotFoundError,
 )
-from actcache.workers.storage import check_access, open_group
+from actcache.shards import ChecksumError, ShardReader
+from actcache.workers.storage import check_access, is_local, local_path, open_group
 
 RowsLike = Sequence[int] | np.ndarray | None
 
@@ -132,6 +133,7 @@ class Store:
         self._slots, ids = live_slots(self.group, self.receipts)
         self.ids: tuple[str, ...] = tuple(str(i) for i in ids)
         self._arrays: dict[str, Any] = {}
+        self._readers: dict[str, ShardReader] = {}
 
     def __repr__(self) -> str:
         return (
@@ -272,10 +274,29 @@ class Store:
 
     def read_stored(self, layer: int, pooling: str | None, start: int, stop: int) -> np.ndarray:
         """Contiguous store rows [start, stop) of a pooled layer as stored (``widen`` them):
-        the block reader widens straight into its own float32 block, with no copy between."""
+        the block reader widens straight into its own float32 block, with no copy between.
+        Whole local shards of the pooled layout are read directly (``actcache.shards``)."""
         key = layout.activation_key(self.resolve_pooling(pooling), self.resolve_layer(layer))
         slots = self._slots[start:min(stop, self.n_rows)]
-        return self._checked(key, slots, int(self.manifest["rows_per_unit"]))
+        rpu = int(self.manifest["rows_per_unit"])
+        if len(slots) and slots[-1] - slots[0] + 1 == len(slots) and np.all(np.diff(slots) == 1):
+            try:
+                values = self._shards(key).read(int(slots[0]), int(slots[-1]) + 1)
+            except ChecksumError as e:
+                units = np.unique(slots // rpu)
+                bad = [int(u) for u in units
+                       if not readable(self._array(key), slots[slots // rpu == u])]
+                raise StoreCorruptError(corrupt_message(
+                    self.url, {u: [key] for u in bad or [int(units[0])]})) from e
+            if values is not None:
+                return values
+        return self._checked(key, slots, rpu)
+
+    def _shards(self, key: str) -> ShardReader:
+        if key not in self._readers:
+            root = local_path(self.url) if is_local(self.url) else None
+            self._readers[key] = ShardReader(self._array(key), root)
+        return self._readers[key]
 
     def token_lengths(self, rows: RowsLike = None) -> np.ndarray:
         if "tokens" not in self.poolings:
