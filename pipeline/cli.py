@@ -16,6 +16,9 @@ from typing import Annotated
 
 import typer
 
+from actcache.ops import cli as ops_cli
+from actcache.probes import cli as probes_cli
+from actcache.query import cli as query_cli
 from actcache.schemas.errors import UserError
 
 app = typer.Typer(
@@ -85,28 +88,11 @@ def info(
         typer.echo(check(store))
 
 
-def _register_optional() -> None:
-    """Commands of the other stages, registered when their modules are present."""
-    import importlib
-
-    for module, name in (
-        ("actcache.probes.cli", "probe"),
-        ("actcache.query.cli", "query"),
-        ("actcache.ops.cli", None),
-    ):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        if name is None:
-            mod.register(app)
-        else:
-            app.command(name)(getattr(mod, f"{name}_command"))
-
-
-_register_optional()
+# The other stages' commands. Their modules import only typer and the schemas (heavy
+# imports wait inside each command), so registering them keeps `--help` instant.
+app.command("probe")(probes_cli.probe_command)
+app.command("query")(query_cli.query_command)
+ops_cli.register(app)
 
 
 def log_dir() -> Path:

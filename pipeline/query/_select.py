@@ -132,9 +132,6 @@ class Selection:
         """float32 activations of the selected rows (touching only their chunks)."""
         return self.store.read(layer, pooling, rows=self.rows)
 
-    def head(self, n: int) -> Selection:
-        return Selection(self.store, self.rows[: max(0, int(n))])
-
 
 def select(
     store: Store,
