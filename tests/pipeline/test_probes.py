@@ -1,13 +1,15 @@
 """Probes against scikit-learn on synthetic stores, outputs, and bad input."""
 
 import json
+import shutil
+import uuid
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from actcache.probes import train_probes, write_outputs
-from actcache.probes.testing import ArrayStore, ProceduralStore, sklearn_reference
+from actcache.probes.testing import sklearn_reference
 from actcache.schemas.errors import (
     ColumnNotFoundError,
     ConfigError,
@@ -17,6 +19,22 @@ from actcache.schemas.errors import (
     StoreIncompleteError,
 )
 from actcache.schemas.probe import ProbeConfig
+from actcache.testing import synthetic_store
+
+
+def _url(name):
+    """A fresh in-process store URL: each store is written once and never shared."""
+    return f"memory://test-probes-{name}-{uuid.uuid4().hex[:8]}"
+
+
+def _records(meta):
+    return meta.to_dict("records")
+
+
+def _store(x_by_layer, meta, ids=None, *, url=None, chunk_rows=64, **kw):
+    """A real float32 store (values kept exactly) of 256-row units."""
+    return synthetic_store(url or _url("store"), x_by_layer, ids, _records(meta),
+                           rows_per_unit=256, chunk_rows=chunk_rows, **kw)
 
 
 def _binary_store(n=600, h=32, layers=4, seed=0, **kw):
@@ -30,7 +48,25 @@ def _binary_store(n=600, h=32, layers=4, seed=0, **kw):
     }
     meta = pd.DataFrame({"label": np.where(y == 1, "pos", "neg"),
                          "split": np.where(np.arange(n) % 5 == 0, "test", "train")})
-    return ArrayStore(x, meta, [f"ex{i}" for i in range(n)], **kw)
+    return _store(x, meta, [f"ex{i}" for i in range(n)], **kw)
+
+
+def _procedural(n_rows, layers, hidden, *, classes, signal, chunk_rows, seed=0):
+    """Rows generated per chunk from a seed: ``label`` is ``row % classes``; each layer
+    shifts class c along its own random direction by ``signal × (layer + 1)``."""
+    x = {}
+    for layer in layers:
+        dirs = np.random.default_rng([seed, layer]).standard_normal(
+            (classes, hidden)).astype(np.float32)
+        chunks = []
+        for chunk in range(n_rows // chunk_rows):
+            part = np.random.default_rng([seed, layer, chunk]).standard_normal(
+                (chunk_rows, hidden), dtype=np.float32)
+            labels = np.arange(chunk * chunk_rows, (chunk + 1) * chunk_rows) % classes
+            part += signal * (layer + 1) * dirs[labels]
+            chunks.append(part)
+        x[layer] = np.concatenate(chunks)
+    return x, pd.DataFrame({"label": np.arange(n_rows) % classes})
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +105,9 @@ def _roles(store, cfg):
 
 
 def test_multiclass_logistic_matches_sklearn():
-    store = ProceduralStore(1500, [0, 2], 24, classes=3, signal=0.12, chunk_rows=100)
+    x, meta = _procedural(1500, [0, 2], 24, classes=3, signal=0.12, chunk_rows=100)
+    store = synthetic_store(_url("procedural"), x, metadata=_records(meta), rows_per_unit=500,
+                            chunk_rows=100)
     cfg = ProbeConfig(label="label", probes=["logistic", "ridge"], precision="fp32")
     result = train_probes(store, cfg)
     ref = sklearn_reference(store, cfg)
@@ -126,7 +164,7 @@ def test_mean_diff_is_the_difference_of_class_means(binary_store, binary_result)
         -(m1 @ m1 - m0 @ m0) / 2, rel=1e-4)
 
 
-def test_outputs_written(tmp_path, binary_result):
+def test_outputs_written(tmp_path, binary_store, binary_result):
     from safetensors import safe_open
 
     _, result = binary_result
@@ -140,7 +178,7 @@ def test_outputs_written(tmp_path, binary_result):
         assert set(f.keys()) == set(result.tensors)
     assert json.loads(meta["classes"]) == ["neg", "pos"]
     assert meta["label_column"] == "label" and meta["pooling"] == "mean"
-    assert meta["store_url"] == "memory://arrays"
+    assert meta["store_url"] == binary_store.url
     assert set(json.loads(meta["strength_per_layer"])) == {"logistic", "ridge"}
     assert meta["actcache_version"]
 
@@ -148,7 +186,7 @@ def test_outputs_written(tmp_path, binary_result):
 def test_split_column_and_explicit_val(binary_store):
     meta = binary_store.metadata.copy()
     meta.loc[meta.index % 5 == 1, "split"] = "val"
-    store = ArrayStore({i: binary_store.read(i) for i in range(2)}, meta, binary_store.ids)
+    store = _store({i: binary_store.read(i) for i in range(2)}, meta, binary_store.ids)
     cfg = ProbeConfig(label="label", split_column="split", layers=[-1], probes=["ridge"])
     result = train_probes(store, cfg)
     assert result.metrics["n_test"].iloc[0] == 120 and result.metrics["n_train"].iloc[0] == 480
@@ -182,7 +220,7 @@ def test_missing_label_column(binary_store):
 
 def test_constant_label(binary_store):
     meta = binary_store.metadata.assign(label="same")
-    store = ArrayStore({0: binary_store.read(0)}, meta)
+    store = _store({0: binary_store.read(0)}, meta)
     _bad(store, "label column 'label' has 1 class ('same'); a probe needs at least two distinct "
          "labels: pick another column with --label", ProbeDataError)
 
@@ -191,20 +229,19 @@ def test_unknown_split_values(binary_store):
     meta = binary_store.metadata.copy()
     meta.loc[3, "split"] = "dev"
     meta.loc[4, "split"] = None
-    store = ArrayStore({0: binary_store.read(0)}, meta)
+    store = _store({0: binary_store.read(0)}, meta)
     _bad(store, "split column 'split' must hold train, test or val; found <missing>, dev: fix "
          "those values or use --test-fraction", ProbeDataError, split_column="split")
 
 
 def test_empty_test_split(binary_store):
-    store = ArrayStore({0: binary_store.read(0)},
-                       binary_store.metadata.assign(split="train"))
+    store = _store({0: binary_store.read(0)}, binary_store.metadata.assign(split="train"))
     _bad(store, "the test split is empty: rows with 'split' == 'test'; give more rows or another "
          "split", ProbeDataError, split_column="split")
 
 
 def test_empty_test_split_by_fraction():
-    store = ArrayStore({0: np.zeros((3, 4))}, pd.DataFrame({"label": [0, 1, 0]}))
+    store = _store({0: np.zeros((3, 4), np.float32)}, pd.DataFrame({"label": [0, 1, 0]}))
     _bad(store, "the test split is empty: --test-fraction 0.01 of 3 rows selects none; give "
          "more rows or another split", ProbeDataError, test_fraction=0.01)
 
@@ -220,17 +257,22 @@ def test_pooling_not_in_store(binary_store):
 
 
 def test_tokens_pooling_refused(binary_store):
-    store = ArrayStore({0: binary_store.read(0)}, binary_store.metadata,
-                       poolings=("mean", "tokens"))
+    x = binary_store.read(0)
+    store = _store({0: x}, binary_store.metadata, poolings=("mean", "tokens"), tokens={0: x},
+                   token_lengths=[1] * len(x))
     _bad(store, "probes need one row per example, not 'tokens'; choose a pooled representation "
          "with --pooling (mean)", ConfigError, pooling="tokens")
 
 
-def test_incomplete_store(binary_store):
-    store = ArrayStore({0: binary_store.read(0)}, binary_store.metadata, complete=False,
-                       url="/data/store")
-    _bad(store, "store /data/store is incomplete: some units are not cached yet; finish it with "
-         "`actcache cache JOB.yaml`, then rerun `actcache probe`", StoreIncompleteError)
+def test_incomplete_store(tmp_path, binary_store):
+    from actcache import open_store
+
+    url = str(tmp_path / "store.zarr")
+    _store({0: binary_store.read(0)}, binary_store.metadata, url=url)
+    # An interrupted run: unit 1 wrote its rows but not its commit marker (docs/STORE.md).
+    shutil.rmtree(tmp_path / "store.zarr" / "units" / "00000001")
+    _bad(open_store(url), f"store {url} is incomplete: some units are not cached yet; finish "
+         "it with `actcache cache JOB.yaml`, then rerun `actcache probe`", StoreIncompleteError)
 
 
 def test_auto_precision_takes_bf16_only_when_measured_faster(monkeypatch):
