@@ -1,6 +1,7 @@
 """Ridge regression probes on numeric labels: scikit-learn parity, task detection, outputs."""
 
 import json
+import uuid
 
 import numpy as np
 import pandas as pd
@@ -8,9 +9,10 @@ import pytest
 
 from actcache.probes import train_probes, write_outputs
 from actcache.probes._data import FIT, TEST, UNUSED, VAL, prepare, resolve_task
-from actcache.probes.testing import ArrayStore, compare_with_sklearn, constant_safe_std
+from actcache.probes.testing import compare_with_sklearn, constant_safe_std
 from actcache.schemas.errors import ProbeDataError
 from actcache.schemas.probe import ProbeConfig, Task
+from actcache.testing import synthetic_store
 
 N, H, LAYERS = 500, 24, 3
 MISSING = (7, 80, 333)
@@ -30,11 +32,18 @@ def _regression_arrays(seed=0):
     return x, score
 
 
+def _url(name):
+    """A fresh in-process store URL: each store is written once and never shared."""
+    return f"memory://test-probes-regression-{name}-{uuid.uuid4().hex[:8]}"
+
+
 def _store(chunk_rows=64):
+    """A real float32 store (values kept exactly); missing scores are JSON nulls."""
     x, score = _regression_arrays()
-    meta = pd.DataFrame({"score": score, "topic": np.where(np.arange(N) % 2, "a", "b"),
-                         "flat": 3.5})
-    return ArrayStore(x, meta, [f"ex{i}" for i in range(N)], chunk_rows=chunk_rows)
+    meta = [{"score": None if np.isnan(s) else float(s), "topic": "ba"[i % 2], "flat": 3.5}
+            for i, s in enumerate(score)]
+    return synthetic_store(_url("store"), x, [f"ex{i}" for i in range(N)], meta,
+                           rows_per_unit=256, chunk_rows=chunk_rows)
 
 
 CONFIG = ProbeConfig(label="score", probes=["ridge"], precision="fp32")
@@ -183,7 +192,8 @@ def test_regression_user_errors(store, fields, message):
 def test_explicit_regression_on_a_small_integer_column():
     x, score = _regression_arrays()
     stars = np.clip(np.round((np.nan_to_num(score, nan=40.0) - 40) / 4), -2, 2).astype(int)
-    store = ArrayStore(x, pd.DataFrame({"stars": stars}))
+    store = synthetic_store(_url("stars"), x, metadata=[{"stars": int(v)} for v in stars],
+                            rows_per_unit=256)
     cfg = ProbeConfig(label="stars", probes=["ridge"], precision="fp32", layers=[2])
     assert train_probes(store, cfg).task == "classification"
     result = train_probes(store, cfg.model_copy(update={"task": Task.REGRESSION}))
@@ -223,8 +233,6 @@ def _cli(capsys, *args):
 
 @pytest.fixture(scope="module")
 def store_url(tmp_path_factory):
-    from actcache.testing import synthetic_store
-
     x, score = _regression_arrays()
     url = str(tmp_path_factory.mktemp("stores") / "reg")
     meta = [{"score": None if np.isnan(s) else float(s), "topic": "ab"[i % 2]}
