@@ -4,20 +4,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from actcache.probes import api
-from actcache.probes.testing import ArrayStore
+from actcache.testing import synthetic_store
 
 
-@pytest.fixture
-def store_url(monkeypatch):
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory):
+    """A real float32 store on disk, opened by the command as a user's would be."""
     rng = np.random.default_rng(1)
     n, h = 300, 16
     y = rng.integers(0, 2, n)
     x = {layer: (rng.standard_normal((n, h)) + layer * np.outer(y - 0.5, np.ones(h)) * 0.5)
          for layer in range(3)}
-    store = ArrayStore(x, pd.DataFrame({"topic": np.where(y == 1, "b", "a")}), url="mem://s")
-    monkeypatch.setattr(api, "_open", lambda url: store if url == "mem://s" else url)
-    return "mem://s"
+    url = str(tmp_path_factory.mktemp("stores") / "topics.zarr")
+    synthetic_store(url, x, metadata=[{"topic": "ab"[v]} for v in y], rows_per_unit=128)
+    return url
 
 
 def _run(capsys, *args):
