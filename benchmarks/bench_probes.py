@@ -32,15 +32,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from actcache.probes.api import cpu_has_bf16, pick_device, train_probes
-from actcache.probes.testing import ArrayStore, sklearn_reference
+from actcache.probes.testing import sklearn_reference
 from actcache.schemas.probe import ProbeConfig
+from actcache.store import Store
 
 
-def synthetic(n: int, hidden: int, layers: int, seed: int = 0) -> ArrayStore:
+def synthetic_arrays(n: int, hidden: int, layers: int, seed: int = 0
+                     ) -> tuple[dict[int, np.ndarray], np.ndarray]:
     """Binary labels a little more linearly visible at each deeper layer, plus offsets."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, n)
@@ -50,7 +51,16 @@ def synthetic(n: int, hidden: int, layers: int, seed: int = 0) -> ArrayStore:
         mix = rng.standard_normal((hidden, hidden)) / np.sqrt(hidden)
         base = rng.standard_normal((n, hidden)) @ mix + rng.normal(0, 2, hidden)
         x[layer] = (base + 0.006 * (layer + 1) * np.outer(y - 0.5, direction)).astype(np.float32)
-    return ArrayStore(x, pd.DataFrame({"label": y}), chunk_rows=256)
+    return x, y
+
+
+def synthetic(n: int, hidden: int, layers: int) -> Store:
+    """The synthetic activations as a real in-memory float32 store (values kept exactly)."""
+    from actcache.testing import synthetic_store
+
+    x, y = synthetic_arrays(n, hidden, layers)
+    return synthetic_store("memory://bench-probes", x, metadata=[{"label": int(v)} for v in y],
+                           rows_per_unit=1024, chunk_rows=256)
 
 
 def timed(fn, *args):  # noqa: ANN001, ANN202
@@ -75,11 +85,10 @@ def whole_process(store: str, label: str, split_column: str | None) -> float:
 def write_store(folder: str, rows: int, hidden: int, layers: int) -> str:
     from actcache.testing import synthetic_store
 
-    store = synthetic(rows, hidden, layers)
-    meta = [{"label": int(v), "split": "test" if i % 5 == 0 else "train"}
-            for i, v in enumerate(store.metadata["label"])]
+    x, y = synthetic_arrays(rows, hidden, layers)
+    meta = [{"label": int(v), "split": "test" if i % 5 == 0 else "train"} for i, v in enumerate(y)]
     url = str(Path(folder) / "ooc.zarr")
-    synthetic_store(url, {i: store.read(i) for i in range(layers)}, metadata=meta,
+    synthetic_store(url, x, metadata=meta,
                     rows_per_unit=1024, dtype="float16")  # a job's default unit
     return url
 
