@@ -1,124 +1,18 @@
-"""Stores made from arrays and scikit-learn references, for tests and benchmarks.
+"""scikit-learn references and tolerances for probe tests and benchmarks.
 
-``ArrayStore`` serves numpy arrays through the store read API (what ``train_probes``
-needs); ``ProceduralStore`` generates its rows on demand, so a store of any size costs no
-memory. ``sklearn_reference`` fits scikit-learn one layer and one C at a time on the same
-features, split and selection rule, for any store.
+``sklearn_reference`` fits scikit-learn one layer and one C at a time on the same
+features, split and selection rule, for any store (write one from arrays with
+``actcache.testing.synthetic_store``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from actcache.schemas.errors import LayerNotFoundError, PoolingNotFoundError
 from actcache.schemas.probe import ProbeConfig
-
-
-class _BaseStore:
-    """The read API on top of a ``_rows(layer, start, stop)`` provider."""
-
-    def __init__(self, layers: Sequence[int], hidden: int, metadata: pd.DataFrame,
-                 ids: Sequence[str] | None, chunk_rows: int, poolings: Sequence[str],
-                 url: str, complete: bool, num_hidden_layers: int | None) -> None:
-        self.layers = tuple(int(layer) for layer in layers)
-        self.hidden_size = int(hidden)
-        self.metadata = metadata.reset_index(drop=True)
-        n = len(self.metadata)
-        self.ids = tuple(ids) if ids is not None else tuple(str(i) for i in range(n))
-        self.n_rows = len(self.ids)
-        self.chunk_rows = int(chunk_rows)
-        self.poolings = tuple(poolings)
-        self.url = url
-        self.complete = complete
-        blocks = num_hidden_layers if num_hidden_layers is not None else max(self.layers)
-        self.manifest: dict[str, Any] = {"layers": list(self.layers), "poolings": list(self.poolings),
-                         "hidden_size": self.hidden_size, "num_hidden_layers": blocks,
-                         "model": "synthetic", "dtype": "float32"}
-
-    def resolve_layer(self, layer: int) -> int:
-        resolved = layer + self.manifest["num_hidden_layers"] + 1 if layer < 0 else layer
-        if resolved not in self.layers:
-            raise LayerNotFoundError(
-                f"layer {layer} is not in the store; stored layers: "
-                f"{', '.join(map(str, self.layers))}"
-            )
-        return resolved
-
-    def resolve_pooling(self, pooling: str | None) -> str:
-        if pooling is None:
-            pooled = [p for p in self.poolings if p != "tokens"]
-            if len(pooled) == 1:
-                return pooled[0]
-            pooling = "<none>"
-        if pooling not in self.poolings:
-            raise PoolingNotFoundError(
-                f"pooling {pooling!r} is not in the store; stored poolings: "
-                f"{', '.join(self.poolings)}"
-            )
-        return pooling
-
-    def _rows(self, layer: int, start: int, stop: int) -> np.ndarray:
-        raise NotImplementedError
-
-    def read_block(self, layer: int, pooling: str | None, start: int, stop: int) -> np.ndarray:
-        self.resolve_pooling(pooling)
-        return self._rows(self.resolve_layer(layer), start, min(stop, self.n_rows))
-
-    def read(self, layer: int, pooling: str | None = None,
-             rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
-        full = self.read_block(layer, pooling, 0, self.n_rows)
-        return full if rows is None else full[np.asarray(rows, dtype=np.int64)]
-
-    def rows_for_ids(self, ids: Sequence[str]) -> np.ndarray:
-        index = {key: i for i, key in enumerate(self.ids)}
-        return np.array([index[key] for key in ids], dtype=np.int64)
-
-
-class ArrayStore(_BaseStore):
-    """An in-memory store: ``{layer: (rows, hidden) array}`` plus a metadata frame."""
-
-    def __init__(self, x_by_layer: dict[int, np.ndarray], metadata: pd.DataFrame,
-                 ids: Sequence[str] | None = None, *, chunk_rows: int = 64,
-                 poolings: Sequence[str] = ("mean",), url: str = "memory://arrays",
-                 complete: bool = True, num_hidden_layers: int | None = None) -> None:
-        self._x = {int(k): np.ascontiguousarray(v, dtype=np.float32) for k, v in x_by_layer.items()}
-        hidden = next(iter(self._x.values())).shape[1]
-        super().__init__(sorted(self._x), hidden, metadata, ids, chunk_rows, poolings, url,
-                         complete, num_hidden_layers)
-
-    def _rows(self, layer: int, start: int, stop: int) -> np.ndarray:
-        return self._x[layer][start:stop].copy()
-
-
-class ProceduralStore(_BaseStore):
-    """Rows generated per chunk from a seed: ``label`` is ``row % classes``; each layer
-    shifts class c along its own random direction by ``signal × (layer + 1)``."""
-
-    def __init__(self, n_rows: int, layers: Sequence[int], hidden: int, *, classes: int = 2,
-                 chunk_rows: int = 256, signal: float = 0.3, seed: int = 0,
-                 url: str = "memory://procedural") -> None:
-        meta = pd.DataFrame({"label": np.arange(n_rows) % classes})
-        super().__init__(layers, hidden, meta, None, chunk_rows, ("mean",), url, True, None)
-        self._k, self._signal, self._seed = classes, signal, seed
-
-    def _chunk(self, layer: int, chunk: int) -> np.ndarray:
-        c = self.chunk_rows
-        rng = np.random.default_rng([self._seed, layer, chunk])
-        x = rng.standard_normal((c, self.hidden_size), dtype=np.float32)
-        dirs = np.random.default_rng([self._seed, layer]).standard_normal(
-            (self._k, self.hidden_size)).astype(np.float32)
-        labels = np.arange(chunk * c, chunk * c + c) % self._k
-        x += self._signal * (layer + 1) * dirs[labels]
-        return x
-
-    def _rows(self, layer: int, start: int, stop: int) -> np.ndarray:
-        c = self.chunk_rows
-        parts = [self._chunk(layer, i) for i in range(start // c, (stop - 1) // c + 1)]
-        return np.concatenate(parts)[start - (start // c) * c:stop - (start // c) * c]
 
 
 def constant_safe_std(x: np.ndarray) -> np.ndarray:
