@@ -33,26 +33,29 @@ def headroom(total_bytes: int) -> int:
 
 
 def actor_gpus(gpus_per_worker: float | None) -> list[int]:
-    """CUDA device indices this actor places its model on (none without CUDA).
+    """CUDA device indices this actor places its model on (none without CUDA: caching does
+    not use other accelerators, ``devices`` says why).
 
     Inside a Ray actor only its own GPUs are visible; in-process runs take the first ones.
     """
-    import torch
+    from actcache.workers.devices import gpu_count
 
-    if not torch.cuda.is_available():
+    have = gpu_count()
+    if not have:
         return []
     want = max(1, math.ceil(gpus_per_worker or 1))
-    return list(range(min(want, torch.cuda.device_count())))
+    return list(range(min(want, have)))
 
 
 def max_memory(gpus: list[int], offload: bool) -> dict[Any, int]:
     """Per-device limits for ``device_map``: free memory less headroom; the CPU only on offload."""
     import psutil
-    import torch
+
+    from actcache.workers.devices import memory_info
 
     limits: dict[Any, int] = {}
     for index in gpus:
-        free, total = torch.cuda.mem_get_info(index)
+        free, total = memory_info(index)
         limits[index] = max(0, free - headroom(total))
     if offload:
         limits["cpu"] = int(psutil.virtual_memory().available * 0.8)
