@@ -17,6 +17,7 @@ from actcache.schemas.errors import ConfigError, ModelTooLargeError
 from actcache.schemas.job import JobConfig
 from actcache.schemas.store import UnitReceipt, UnitTask
 from actcache.workers.actor import CachingWorker
+from actcache.workers.devices import memory_bytes
 from actcache.workers.placement import headroom, offloaded
 from actcache.workers.storage import storage_env
 
@@ -298,10 +299,9 @@ class InlinePool:
 
 
 def gpu_memory_bytes() -> int | None:
-    """One GPU's memory, where this runs (None without CUDA)."""
-    import torch
-
-    return int(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
+    """One caching GPU's memory where this runs (None without CUDA): the body of the Ray
+    task ``cluster_gpu_memory`` sends to a GPU node, and the in-process run's answer."""
+    return memory_bytes(0)
 
 
 def cluster_gpu_memory(timeout_s: float = 120.0) -> int | None:

@@ -49,19 +49,10 @@ from actcache.probes._train import (
     lbfgs,
 )
 from actcache.schemas.probe import Precision, ProbeConfig, ProbeKind
+from actcache.workers.devices import pick_device
 
 #: Per layer: (hidden, out) standardised-space weight and (out,) bias.
 ZWeights = list[tuple[np.ndarray, np.ndarray]]
-
-
-def pick_device() -> torch.device:
-    """The machine's accelerator when there is one, else the CPU."""
-    acc = getattr(torch, "accelerator", None)
-    if acc is not None and acc.is_available():
-        dev = acc.current_accelerator()
-        if dev is not None:
-            return torch.device(dev.type)
-    return torch.device("cpu")
 
 
 def cpu_has_bf16() -> bool:
