@@ -41,10 +41,9 @@ SIZES = {  # TinyLlama's shape (~1.0B non-embedding) and a ~150M one
 
 
 def sync() -> None:
-    import torch
+    from actcache.workers.devices import CACHE_ACCELERATORS, pick_device, synchronize
 
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    synchronize(pick_device(kinds=CACHE_ACCELERATORS))
 
 
 def build_model(folder: Path, size: str, seq_len: int) -> int:
@@ -52,6 +51,8 @@ def build_model(folder: Path, size: str, seq_len: int) -> int:
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+    from actcache.workers.devices import CACHE_ACCELERATORS, pick_device
 
     bpe = ByteLevelBPETokenizer()
     words = [f"w{i}" for i in range(4000)]
@@ -63,7 +64,7 @@ def build_model(folder: Path, size: str, seq_len: int) -> int:
     config = LlamaConfig(vocab_size=8000, max_position_embeddings=seq_len, **SIZES[size])
     torch.manual_seed(0)
     # Random init of 1B weights is minutes on a CPU, seconds on the GPU.
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+    with pick_device(kinds=CACHE_ACCELERATORS):
         model = LlamaModel(config).to(torch.bfloat16).eval()
     model.save_pretrained(folder)
     return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
@@ -153,10 +154,13 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    if not torch.cuda.is_available() and not args.cpu:
+    from actcache.workers.devices import gpu_count
+
+    # Caching places models on CUDA GPUs only (actcache.workers.devices says why).
+    if not gpu_count() and not args.cpu:
         print("skipped: needs a CUDA device")
         return
-    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    name = torch.cuda.get_device_name(0) if gpu_count() else "CPU"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     folder = Path(tempfile.mkdtemp(prefix="actcache-bench-gpu-"))
     params = build_model(folder / "model", args.size, args.seq_len)

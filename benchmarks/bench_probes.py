@@ -3,12 +3,12 @@
 Both sides use the same features (standardised on train), the same hash split, the same
 grid and selection rule (best validation accuracy, refit on train), measured in the same
 run. Prints the speed ratio and the largest per-layer test-accuracy gap; then bfloat16
-against float32 where the CPU computes bf16 natively.
+against float32 where the device computes bf16 natively.
 
     python benchmarks/bench_probes.py                       # synthetic, MiniLM-sized
     python benchmarks/bench_probes.py --store PATH --label COL [--split-column split]
     python benchmarks/bench_probes.py --out-of-core [--rows 60000 --hidden 512 --layers 3]
-    python benchmarks/bench_probes.py --out-of-core --gpu   # the probe on CUDA; skips without
+    python benchmarks/bench_probes.py --out-of-core --gpu   # on an accelerator; skips without
 
 ``--out-of-core`` writes a float16 store (or takes ``--store``), sets ``--max-memory`` to a
 tenth of its stored bytes and prints: the probe's passes over the store and wall time; one
@@ -34,10 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from actcache.probes.api import cpu_has_bf16, pick_device, train_probes
+from actcache.probes.api import train_probes
 from actcache.probes.testing import sklearn_reference
 from actcache.schemas.probe import ProbeConfig
 from actcache.store import Store
+from actcache.workers.devices import native_bf16, pick_device
 
 
 def synthetic_arrays(n: int, hidden: int, layers: int, seed: int = 0
@@ -131,8 +132,8 @@ def store_pass(store: object, cfg: ProbeConfig) -> float:
 def out_of_core(args: argparse.Namespace) -> None:
     from actcache.store import open_store
 
-    if args.gpu and not torch.cuda.is_available():
-        print("GPU variant skipped: no CUDA device")
+    if args.gpu and pick_device().type == "cpu":
+        print("GPU variant skipped: no accelerator")
         return
     if not args.gpu and pick_device().type != "cpu":
         print("note: the probe runs on", pick_device())
@@ -183,7 +184,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--out-of-core", action="store_true",
                     help="a store 10x the budget: passes, pass speed, gap to in-memory")
-    ap.add_argument("--gpu", action="store_true", help="with --out-of-core: CUDA, else skip")
+    ap.add_argument("--gpu", action="store_true",
+                    help="with --out-of-core: the machine's accelerator (CUDA, MPS...), else skip")
     args = ap.parse_args()
     big = args.out_of_core
     args.rows = args.rows or (60_000 if big else 8000)
@@ -217,8 +219,9 @@ def main() -> None:
         print(f"`actcache probe` process (start to exit, outputs written): {t_proc:.2f}s  "
               f"whole-process speed-up over scikit-learn: {t_sk / t_proc:.1f}x  "
               f"(in-process: {t_sk / t_ours:.1f}x)")
-    if pick_device().type == "cpu" and not cpu_has_bf16():
-        print("bf16 vs fp32: skipped (this CPU has no AVX512-BF16/AMX; bf16 would be emulated)")
+    if not native_bf16(pick_device()):
+        print(f"bf16 vs fp32: skipped ({pick_device()} has no native bf16 (a CPU: AVX512-BF16 or "
+              "AMX); bf16 would be emulated)")
         return
     t_bf, bf = timed(train_probes, store, cfg.model_copy(update={"precision": "bf16"}))
     gap_bf = float((bf.metrics["test_accuracy"] - ours.metrics["test_accuracy"]).abs().max())
