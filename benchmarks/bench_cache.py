@@ -84,23 +84,15 @@ def in_process(inputs: Path, folder: Path, batch: int, rows_per_unit: int, repea
     """(bare sorted loop, caching worker, self-check) seconds, all with the model loaded."""
     import torch
 
-    from actcache.driver import build_manifest, describe_model, parse_job, worker_manifest
-    from actcache.inputs import load_inputs
-    from actcache.plan import empty_stored, make_plan
-    from actcache.workers.actor import CachingWorker
+    from actcache.driver import parse_job
+    from actcache.wiring import in_process_worker
+
     job = parse_job({"model": MODEL, "inputs": str(inputs), "store": str(folder / "inproc.zarr"),
                      "id_column": "id", "batch_size": batch, "rows_per_unit": rows_per_unit})
-    info, _, adapter = describe_model(job)
-    manifest = build_manifest(job, info, adapter.max_length)
-    from actcache.create import create_store, grow
-    from actcache.workers.storage import open_group
-
-    group = open_group(job.store, "a")
-    create_store(group, manifest)
-    plan = make_plan(load_inputs(job.inputs, "text", "id"), empty_stored(), rows_per_unit, "bench")
-    current = grow(group, worker_manifest(manifest, plan), plan.n_units)
-    worker = CachingWorker(job.store, current, None, threads=torch.get_num_threads())
-    worker.process(plan.tasks[0])  # warm-up (and first self-check), as the bare loop's below
+    # The driver's own in-process wiring: the worker runs its self-check before any unit.
+    wired = in_process_worker(job, run_id="bench", threads=torch.get_num_threads())
+    worker, plan = wired.worker, wired.plan
+    worker.process(plan.tasks[0])  # warm-up, as the bare loop's below
     tok, model = worker.adapter.tokenizer, worker.model
 
     def bare_loop() -> float:
@@ -137,12 +129,8 @@ def images_in_process(folder: Path, batch: int, rows_per_unit: int, repeats: int
     sys.path.insert(0, str(ROOT / "examples"))
     from make_digits import digits_table, tiny_vit
 
-    from actcache.create import create_store, grow
-    from actcache.driver import build_manifest, describe_model, parse_job
-    from actcache.inputs import load_inputs
-    from actcache.plan import empty_stored, make_plan
-    from actcache.workers.actor import CachingWorker
-    from actcache.workers.storage import open_group
+    from actcache.driver import parse_job
+    from actcache.wiring import in_process_worker
 
     table, model_dir = folder / "digits.parquet", folder / "tiny-vit"
     n = digits_table(table)
@@ -150,15 +138,9 @@ def images_in_process(folder: Path, batch: int, rows_per_unit: int, repeats: int
     job = parse_job({"model": str(model_dir), "inputs": str(table), "image_column": "image",
                      "id_column": "id", "store": str(folder / "images.zarr"), "layers": "all",
                      "pooling": ["mean"], "batch_size": batch, "rows_per_unit": rows_per_unit})
-    info, _, adapter = describe_model(job)
-    manifest = build_manifest(job, info, adapter.max_length, None, adapter.prefix)
-    group = open_group(job.store, "a")
-    create_store(group, manifest)
-    rows = load_inputs(job.inputs, "image", "id", None, "image")
-    plan = make_plan(rows, empty_stored(), rows_per_unit, "bench")
-    current = grow(group, manifest.model_dump(mode="json"), plan.n_units)
-    worker = CachingWorker(job.store, current, None, threads=torch.get_num_threads())
-    worker.process(plan.tasks[0])  # warm-up
+    wired = in_process_worker(job, run_id="bench", threads=torch.get_num_threads())
+    worker, plan = wired.worker, wired.plan
+    worker.process(plan.tasks[0])  # warm-up (the self-check ran when it was wired)
     processor, model = worker.adapter.processor, worker.model
     blobs = pd.read_parquet(table)["image"].tolist()
 

@@ -82,23 +82,15 @@ def make_inputs(folder: Path, rows: int, seq_len: int) -> Path:
 
 
 def prepare_worker(folder: Path, inputs: Path, batch: int, seq_len: int) -> tuple[Any, Any]:
-    from actcache.create import create_store, grow
-    from actcache.driver import build_manifest, describe_model, parse_job
-    from actcache.inputs import load_inputs
-    from actcache.plan import empty_stored, make_plan
-    from actcache.workers.actor import CachingWorker
-    from actcache.workers.storage import open_group
+    from actcache.driver import parse_job
+    from actcache.wiring import in_process_worker
 
     job = parse_job({"model": str(folder / "model"), "inputs": str(inputs), "id_column": "id",
                      "store": str(folder / "store.zarr"), "dtype": "bfloat16",
                      "batch_size": batch, "rows_per_unit": 4 * batch, "max_length": seq_len})
-    info, _, adapter = describe_model(job)
-    manifest = build_manifest(job, info, adapter.max_length)
-    group = open_group(job.store, "a")
-    create_store(group, manifest)
-    plan = make_plan(load_inputs(job.inputs, "text", "id"), empty_stored(), 4 * batch, "bench")
-    current = grow(group, manifest.model_dump(mode="json"), plan.n_units)
-    return CachingWorker(job.store, current, None), plan
+    # The driver's own in-process wiring: the worker runs its self-check, as every worker does.
+    wired = in_process_worker(job, run_id="bench")
+    return wired.worker, wired.plan
 
 
 def timings(worker: Any, plan: Any, batch: int, repeats: int) -> tuple[int, dict[str, float]]:

@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from actcache.logdir import log_dir
 from actcache.ops import cli as ops_cli
 from actcache.probes import cli as probes_cli
 from actcache.query import cli as query_cli
@@ -57,6 +58,12 @@ def cache(
     repair: Annotated[
         bool, typer.Option("--repair", help="Recompute the units whose chunks fail their checksum.")
     ] = False,
+    in_process: Annotated[
+        bool, typer.Option(
+            "--in-process",
+            help="One worker in this process, without Ray: starts in seconds; for a job "
+                 "that fits this machine (one worker).")
+    ] = False,
 ) -> None:
     """Cache the hidden states a job asks for into its store (resumes and appends)."""
     from actcache.driver import load_job, run_job
@@ -64,7 +71,7 @@ def cache(
 
     try:
         run_job(load_job(job), overwrite=overwrite, dry_run=dry_run, echo=typer.echo,
-                repair=repair)
+                repair=repair, inline=in_process)
     except RunInterrupted as e:
         # Said here: click turns a KeyboardInterrupt into a bare exit status 130.
         typer.echo(str(e), err=True)
@@ -93,11 +100,6 @@ def info(
 app.command("probe")(probes_cli.probe_command)
 app.command("query")(query_cli.query_command)
 ops_cli.register(app)
-
-
-def log_dir() -> Path:
-    base = os.environ.get("ACTCACHE_LOG_DIR") or Path.home() / ".cache" / "actcache" / "logs"
-    return Path(base)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -269,16 +269,11 @@ class ActorPool:
 
 
 class InlinePool:
-    """Runs units in this process, one after another: for ``memory://`` stores and tests."""
+    """Runs units in this process, one after another, on a worker wired by
+    ``actcache.wiring.in_process_worker``: an in-process run, ``memory://`` stores, tests."""
 
-    def __init__(
-        self,
-        store_url: str,
-        manifest: dict[str, Any],
-        storage_options: dict[str, Any] | None,
-        worker_cls: type = CachingWorker,
-    ) -> None:
-        self.worker = worker_cls(store_url, manifest, storage_options)
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
 
     def check(self) -> dict[str, Any]:
         return dict(self.worker.check())

@@ -18,7 +18,7 @@ from typing import Any
 
 
 def run_log(run_id: str) -> Path:
-    from actcache.cli import log_dir
+    from actcache.logdir import log_dir
 
     folder = log_dir()
     folder.mkdir(parents=True, exist_ok=True)

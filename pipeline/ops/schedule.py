@@ -43,7 +43,7 @@ def tag_for(job_path: Path) -> str:
 
 
 def default_log(job_path: Path) -> Path:
-    from actcache.cli import log_dir
+    from actcache.logdir import log_dir
 
     return log_dir() / f"schedule-{job_path.stem}.log"
 

@@ -34,13 +34,16 @@ def add_a_row(folder):
 def test_two_gpus_per_worker_on_four_gpus_starts_two_actors_each_holding_two(
     ray_4_gpus, existing  # noqa: F811
 ):
-    from actcache.driver import build_manifest, describe_model, parse_job
+    from actcache.driver import parse_job
+    from actcache.plan import empty_stored, make_plan
     from actcache.pool import ActorPool, worker_options
+    from actcache.wiring import describe_job, worker_manifest
 
     folder, raw = existing
     job = parse_job({**raw, "gpus_per_worker": 2})
-    info, _, adapter = describe_model(job)
-    manifest = build_manifest(job, info, adapter.max_length).model_dump(mode="json")
+    described = describe_job(job)
+    plan = make_plan(described.inputs, empty_stored(), job.rows_per_unit, "r")
+    manifest = worker_manifest(described.manifest, plan)
     count, options = worker_options(job.workers, None, job.gpus_per_worker,
                                     ray_4_gpus.cluster_resources())
     assert (count, options["num_gpus"]) == (2, 2)

@@ -125,7 +125,7 @@ def test_a_run_without_an_end_shows_running_while_its_lease_lives_and_crashed_af
     assert shown_status(record, live=None) == "crashed"
     assert shown_status({**record, "status": "failed", "ended": "x"}, live=None) == "failed"
 
-    from actcache.driver import _record
+    from actcache.runrecord import record as _record
     from actcache.schemas.store import RunRecord
     from actcache.workers.storage import open_group
 

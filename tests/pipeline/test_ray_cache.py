@@ -96,15 +96,17 @@ def test_one_actor_per_gpu(tmp_path, tiny_bert):
     """With GPUs declared (fake here), each actor holds its own GPU."""
     import ray
 
-    from actcache.driver import build_manifest, describe_model
+    from actcache.plan import empty_stored, make_plan
     from actcache.pool import ActorPool, worker_options
+    from actcache.wiring import describe_job, worker_manifest
 
     ray.shutdown()
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     try:
         config = job(tmp_path, tiny_bert, str(tmp_path / "gpu.zarr"))
-        info, _, adapter = describe_model(config)
-        manifest = build_manifest(config, info, adapter.max_length).model_dump(mode="json")
+        described = describe_job(config)
+        plan = make_plan(described.inputs, empty_stored(), config.rows_per_unit, "r")
+        manifest = worker_manifest(described.manifest, plan)
         run_job(config, inline=True, echo=lambda *_: None)  # creates the store
         count, options = worker_options(None, None, None, ray.cluster_resources())
         assert (count, options["num_gpus"]) == (2, 1)

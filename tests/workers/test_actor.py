@@ -8,13 +8,9 @@ import numpy as np
 import pytest
 
 from actcache import open_store
-from actcache.create import create_store, grow
-from actcache.driver import build_manifest, describe_model, parse_job
-from actcache.inputs import load_inputs
-from actcache.plan import empty_stored, make_plan
+from actcache.driver import parse_job
 from actcache.schemas.errors import OverflowStorageError
-from actcache.workers.actor import CachingWorker
-from actcache.workers.storage import open_group
+from actcache.wiring import in_process_worker
 from tests.conftest import SENTENCES
 
 
@@ -23,12 +19,8 @@ def prepared(tmp_path, model, name, **extra):
     inputs.write_text("".join(json.dumps({"text": t}) + "\n" for t in SENTENCES))
     job = parse_job({"model": model, "inputs": str(inputs), "store": str(tmp_path / name),
                      "pooling": ["mean", "tokens"], "batch_size": 3, "rows_per_unit": 10, **extra})
-    info, _, adapter = describe_model(job)
-    manifest = build_manifest(job, info, adapter.max_length)
-    create_store(open_group(job.store, "a"), manifest)
-    plan = make_plan(load_inputs(job.inputs, "text", None), empty_stored(), 10, "r")
-    current = grow(open_group(job.store, "r+"), manifest.model_dump(mode="json"), plan.n_units)
-    return CachingWorker(job.store, current), plan
+    wired = in_process_worker(job, run_id="r")
+    return wired.worker, wired.plan
 
 
 @pytest.mark.parametrize("threaded", [False, True], ids=["inline", "threaded"])
