@@ -18,24 +18,16 @@ from actcache.schemas.store import Manifest
 # Measured by benchmarks/bench_codec.py (figures and the reasoning in docs/STORE.md): a
 # store is written once and read many times (every probe pass, query, loader epoch), and
 # every compressor measured costs about half of read throughput to save 0-8% of disk on
-# pooled float16 (a quarter on bfloat16), so pooled layers are stored raw. Token arrays
-# keep zstd: each unit's shard reserves max_length slots per row, and the unused slots are
-# zeros that only a compressor keeps off the disk. Stores written before keep reading: zarr
-# takes each array's codecs from its own metadata, and the manifest records the codec.
-CODEC = "none; tokens blosc-zstd-3-shuffle"
+# float16 (a quarter on bfloat16), so activations are stored raw. Format 3 packs tokens
+# (one array per unit holding exactly its tokens), so no zero padding needs a compressor
+# to stay off the disk. Stores written before keep reading: zarr takes each array's codecs
+# from its own metadata, and the manifest records the codec.
+CODEC = "none"
 # Format 2: every activation chunk ends in its crc32c, checked on each read.
 CHECKSUM_CODECS: tuple[Any, ...] = (Crc32cCodec(),)
 # Chunks of up to 1,024 rows: a pass over a store reads 1.7x faster than with 256-row
 # chunks (zarr's cost is per chunk; benchmarks/bench_probes.py --out-of-core).
 MAX_CHUNK_ROWS = 1024
-MAX_TOKEN_CHUNK = 4096
-
-
-def compressors(pooling: str) -> tuple[Any, ...]:
-    """The compressors of a pooling's activation arrays (``CODEC``)."""
-    if pooling == "tokens":
-        return (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),)
-    return ()
 
 
 def chunk_rows_for(rows_per_unit: int, limit: int = MAX_CHUNK_ROWS) -> int:
@@ -63,9 +55,7 @@ def check_compatible(existing: dict[str, Any], manifest: Manifest) -> None:
             f"the weights of model {manifest.model.name!r} differ from those that wrote the store; "
             "use another `store`, or --overwrite to replace it"
         )
-    # Format 2 added image and audio stores only: a text store of format 1 has its layout.
-    same_layout = {manifest.format_version} | ({1} if manifest.modality == "text" else set())
-    if existing.get("format_version") not in same_layout:
+    if existing.get("format_version") != manifest.format_version:
         raise StoreMismatchError(
             f"the store has format version {existing.get('format_version')}, this actcache "
             f"writes {manifest.format_version}; use another `store`, or --overwrite"
@@ -99,24 +89,23 @@ def create_store(group: Any, manifest: Manifest) -> None:
     attrs = {layout.DTYPE_ATTR: manifest.dtype}
     for pooling in manifest.poolings:
         pgroup = group.require_group(pooling)
-        shard_rows = rpu
-        chunk_rows = chunk
-        if pooling == "tokens":
-            shard_rows = layout.token_slots_per_unit(rpu, manifest.max_length)
-            chunk_rows = chunk_rows_for(shard_rows, MAX_TOKEN_CHUNK)
         for layer in manifest.layers:
+            if pooling == "tokens":
+                # Each unit writes its own packed array under this group (token_unit_key).
+                pgroup.create_group(f"layer_{layer}", attributes=attrs, overwrite=True)
+                continue
             pgroup.create_array(
                 f"layer_{layer}",
                 shape=(0, hidden),
-                chunks=(chunk_rows, hidden),
-                shards=(shard_rows, hidden),
+                chunks=(chunk, hidden),
+                shards=(rpu, hidden),
                 dtype=np_dtype,
                 fill_value=0,
                 # crc32c last: a chunk changed at rest fails its read instead
                 # of decoding to plausible values (cost: benchmarks/bench_checksum.py).
-                compressors=(*compressors(pooling), *CHECKSUM_CODECS),
+                compressors=CHECKSUM_CODECS,
                 attributes=attrs,
-                dimension_names=(layout.ROW_DIM if pooling != "tokens" else "token_slot", "hidden"),
+                dimension_names=(layout.ROW_DIM, "hidden"),
             )
     if manifest.modality == "image":
         rows.create_array("grid", shape=(0, 2), chunks=(chunk, 2), shards=(rpu, 2), dtype="int32",
@@ -173,7 +162,7 @@ def grow(group: Any, manifest: dict[str, Any], n_units: int) -> dict[str, Any]:
     for key in row_array_keys(manifest):
         arr = group[key]
         arr.resize((n_units * rpu, *arr.shape[1:]))
-    if "tokens" in manifest["poolings"]:
+    if "tokens" in manifest["poolings"] and not layout.packed_tokens(manifest):
         slots = layout.token_slots_per_unit(rpu, int(manifest["max_length"]))
         for layer in manifest["layers"]:
             arr = group[layout.activation_key("tokens", layer)]

@@ -35,7 +35,9 @@ def load_media_inputs(
 ) -> InputRows:
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    from actcache.workers.storage import with_retries
+
+    fs, root = fsspec.core.url_to_fs(url, **with_retries(url, storage_options))
     if fs.isdir(root):
         ids, refs, metas = _class_folders(fs, root, modality)
         columns = [LABEL_COLUMN]

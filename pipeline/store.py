@@ -4,57 +4,30 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from actcache.read import Block, StoreReader
 from actcache.schemas import store as layout
 from actcache.schemas.errors import (
     IdNotFoundError,
     LayerNotFoundError,
     PoolingNotFoundError,
-    StoreCorruptError,
     StoreNotFoundError,
 )
-from actcache.shards import ChecksumError, ShardReader
-from actcache.workers.storage import check_access, is_local, local_path, open_group
+from actcache.workers.storage import check_access, is_local, open_group
 
 RowsLike = Sequence[int] | np.ndarray | None
-
-
-def decode(values: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored values as float32 (bfloat16 bits widen exactly)."""
-    if values.dtype == np.float32:
-        return values
-    out = np.empty(values.shape, dtype=np.float32)
-    widen(values, dtype, out)
-    return out
-
-
-def widen(values: np.ndarray, dtype: str, out: np.ndarray) -> None:
-    """Stored values into the float32 array ``out`` of their shape, with no temporary.
-
-    Through torch: its conversion uses the CPU's half-float instructions and threads,
-    measured 6x faster than numpy's element-by-element float16 cast on this store's blocks.
-    """
-    import torch
-
-    with warnings.catch_warnings():
-        # zarr hands back read-only arrays; torch warns about writes that never happen here.
-        warnings.simplefilter("ignore", UserWarning)
-        src = torch.from_numpy(np.ascontiguousarray(values))
-    if dtype == "bfloat16":
-        src = src.view(torch.bfloat16)  # the stored bits are bfloat16's: widening is exact
-    torch.from_numpy(out).copy_(src)
 
 
 def read_units(group: Any) -> list[layout.UnitReceipt]:
     """Receipts of every complete unit, by unit index."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # narrowed below by the unit listing's warning
         units = group[layout.UNITS_GROUP]
         receipts = [
             layout.UnitReceipt.model_validate(dict(arr.attrs))
@@ -73,8 +46,8 @@ def live_slots(group: Any, receipts: Sequence[layout.UnitReceipt]) -> tuple[np.n
         return np.zeros(0, np.int64), np.zeros(0, dtype=object)
     slots = np.concatenate([np.arange(r.slot_start, r.slot_start + r.rows) for r in receipts])
     ids_arr, seq_arr = group[layout.IDS_KEY], group[layout.SEQ_KEY]
-    ids = _gather(ids_arr, slots).astype(object)
-    seq = _gather(seq_arr, slots).astype(np.int64)
+    ids = gather(ids_arr, slots).astype(object)
+    seq = gather(seq_arr, slots).astype(np.int64)
     # Later units come later in `slots`: keep each id's last occurrence.
     _, last_rev = np.unique(ids[::-1], return_index=True)
     keep = len(ids) - 1 - last_rev
@@ -82,7 +55,7 @@ def live_slots(group: Any, receipts: Sequence[layout.UnitReceipt]) -> tuple[np.n
     return slots[order], ids[order]
 
 
-def _gather(arr: Any, slots: np.ndarray) -> np.ndarray:
+def gather(arr: Any, slots: np.ndarray) -> np.ndarray:
     """Read ``arr`` at physical ``slots`` (any order, duplicates kept), touching only their chunks."""
     if len(slots) == 0:
         return np.asarray(arr[0:0])
@@ -94,24 +67,6 @@ def _gather(arr: Any, slots: np.ndarray) -> np.ndarray:
     else:
         values = np.asarray(arr.oindex[uniq])
     return values[inverse.reshape(-1)]
-
-
-def corrupt_message(url: str, corrupt: dict[int, list[str]]) -> str:
-    """One line naming each corrupt unit (and its arrays) and the fix."""
-    units = "; ".join(f"unit {u} ({', '.join(keys)})" for u, keys in sorted(corrupt.items()))
-    return (
-        f"store {url} has chunks that fail their checksum in {units}; rerun its job with "
-        "`actcache cache JOB.yaml --repair` to recompute those units"
-    )
-
-
-def readable(arr: Any, slots: np.ndarray) -> bool:
-    """Whether the chunks holding ``slots`` decode (checksums match)."""
-    try:
-        _gather(arr, slots)
-    except (ValueError, RuntimeError):
-        return False
-    return True
 
 
 class Store:
@@ -133,7 +88,7 @@ class Store:
         self._slots, ids = live_slots(self.group, self.receipts)
         self.ids: tuple[str, ...] = tuple(str(i) for i in ids)
         self._arrays: dict[str, Any] = {}
-        self._readers: dict[str, ShardReader] = {}
+        self.reader = StoreReader(self, is_local(url))
 
     def __repr__(self) -> str:
         return (
@@ -163,6 +118,10 @@ class Store:
         return int(self.manifest["model"]["num_hidden_layers"])
 
     @property
+    def rows_per_unit(self) -> int:
+        return int(self.manifest["rows_per_unit"])
+
+    @property
     def chunk_rows(self) -> int:
         return int(self.manifest["chunk_rows"])
 
@@ -180,7 +139,7 @@ class Store:
 
     @cached_property
     def metadata(self) -> pd.DataFrame:
-        raw = _gather(self._array(layout.META_KEY), self._slots)
+        raw = gather(self._array(layout.META_KEY), self._slots)
         return pd.DataFrame.from_records([json.loads(m) for m in raw], index=range(len(raw)))
 
     @cached_property
@@ -228,80 +187,30 @@ class Store:
             self._arrays[key] = self.group[key]
         return self._arrays[key]
 
-    def _checked(self, key: str, slots: np.ndarray, per_unit: int) -> np.ndarray:
-        """``_gather``, where a chunk failing its checksum is an error naming its unit."""
-        arr = self._array(key)
-        try:
-            return _gather(arr, slots)
-        except (ValueError, RuntimeError) as e:
-            # zarr does not say which chunk failed: find the units by reading each alone.
-            units = np.unique(slots // per_unit)
-            bad = [int(u) for u in units if not readable(arr, slots[slots // per_unit == u])]
-            if not bad:
-                raise
-            raise StoreCorruptError(corrupt_message(self.url, {u: [key] for u in bad})) from e
-
     def _physical(self, rows: RowsLike) -> np.ndarray:
-        if rows is None:
-            return self._slots
-        positions = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if positions.size and (positions.min() < -self.n_rows or positions.max() >= self.n_rows):
-            raise IndexError(f"rows must lie in 0..{self.n_rows - 1}")
-        return self._slots[positions]
+        return self._slots[self.reader.positions(rows)]
 
     def read(self, layer: int, pooling: str | None = None, rows: RowsLike = None) -> np.ndarray:
-        """float32 activations of ``layer``: (rows, hidden), or (Σ tokens, hidden) for tokens."""
-        index = self.resolve_layer(layer)
-        name = self.resolve_pooling(pooling)
-        slots = self._physical(rows)
-        key = layout.activation_key(name, index)
-        rpu = int(self.manifest["rows_per_unit"])
-        if name != "tokens":
-            return decode(self._checked(key, slots, rpu), self.dtype)
-        offsets = _gather(self._array(layout.TOKEN_OFFSET_KEY), slots)
-        lengths = _gather(self._array(layout.TOKEN_LENGTH_KEY), slots)
-        if len(slots) == 0:
-            return np.zeros((0, self.hidden_size), np.float32)
-        token_slots = np.concatenate(
-            [np.arange(o, o + n, dtype=np.int64) for o, n in zip(offsets, lengths, strict=True)]
-        )
-        per_unit = layout.token_slots_per_unit(rpu, int(self.manifest["max_length"]))
-        return decode(self._checked(key, token_slots, per_unit), self.dtype)
+        """float32 activations of ``layer``: (rows, hidden), or (Σ tokens, hidden) for tokens,
+        in the order of ``rows`` (store positions), duplicates kept."""
+        return self.reader.read(self.resolve_layer(layer), self.resolve_pooling(pooling), rows)
 
-    def read_block(self, layer: int, pooling: str | None, start: int, stop: int) -> np.ndarray:
-        """Contiguous store rows [start, stop)."""
-        return self.read(layer, pooling, np.arange(start, min(stop, self.n_rows)))
-
-    def read_stored(self, layer: int, pooling: str | None, start: int, stop: int) -> np.ndarray:
-        """Contiguous store rows [start, stop) of a pooled layer as stored (``widen`` them):
-        the block reader widens straight into its own float32 block, with no copy between.
-        Whole local shards of the pooled layout are read directly (``actcache.shards``)."""
-        key = layout.activation_key(self.resolve_pooling(pooling), self.resolve_layer(layer))
-        slots = self._slots[start:min(stop, self.n_rows)]
-        rpu = int(self.manifest["rows_per_unit"])
-        if len(slots) and slots[-1] - slots[0] + 1 == len(slots) and np.all(np.diff(slots) == 1):
-            try:
-                values = self._shards(key).read(int(slots[0]), int(slots[-1]) + 1)
-            except ChecksumError as e:
-                units = np.unique(slots // rpu)
-                bad = [int(u) for u in units
-                       if not readable(self._array(key), slots[slots // rpu == u])]
-                raise StoreCorruptError(corrupt_message(
-                    self.url, {u: [key] for u in bad or [int(units[0])]})) from e
-            if values is not None:
-                return values
-        return self._checked(key, slots, rpu)
-
-    def _shards(self, key: str) -> ShardReader:
-        if key not in self._readers:
-            root = local_path(self.url) if is_local(self.url) else None
-            self._readers[key] = ShardReader(self._array(key), root)
-        return self._readers[key]
+    def blocks(self, layer: int, pooling: str | None = None, rows: RowsLike = None,
+               block_bytes: int | None = None) -> Iterator[Block]:
+        """Blocks of ``layer`` covering ``rows`` (store positions; all by default) exactly
+        once, chunk-aligned, in physical order, the next block read while the caller works
+        on this one. Each has ``.rows`` (int64 store positions; for tokens the row of each
+        token), ``.positions`` (int32 position in the row; None for pooled layers) and
+        ``.values`` (float32 ``(n, hidden)``, valid until the next block is taken). Memory:
+        two blocks of about ``block_bytes`` (32 MiB by default) plus a constant."""
+        index, name = self.resolve_layer(layer), self.resolve_pooling(pooling)
+        return self.reader.blocks(index, name, rows, block_bytes)
 
     def token_lengths(self, rows: RowsLike = None) -> np.ndarray:
         if "tokens" not in self.poolings:
             raise PoolingNotFoundError("the store has no `tokens` pooling, so no token lengths")
-        return _gather(self._array(layout.TOKEN_LENGTH_KEY), self._physical(rows)).astype(np.int64)
+        lengths = self.reader.token_geometry()[1]
+        return lengths.copy() if rows is None else lengths[self.reader.positions(rows)]
 
     def patch_grid(self, rows: RowsLike = None) -> np.ndarray:
         """Image stores: each row's patch grid, (rows, 2) as (grid rows, grid columns).
@@ -311,10 +220,10 @@ class Store:
         """
         if self.manifest.get("modality") != "image":
             raise PoolingNotFoundError("only image stores record a patch grid")
-        return _gather(self._array(layout.GRID_KEY), self._physical(rows)).astype(np.int64)
+        return gather(self._array(layout.GRID_KEY), self._physical(rows)).astype(np.int64)
 
     def truncated(self, rows: RowsLike = None) -> np.ndarray:
-        return _gather(self._array(layout.TRUNCATED_KEY), self._physical(rows)).astype(bool)
+        return gather(self._array(layout.TRUNCATED_KEY), self._physical(rows)).astype(bool)
 
     @property
     def has_inputs(self) -> bool:
@@ -326,13 +235,13 @@ class Store:
         """Each row's model input (its text), or None when the store keeps none."""
         if not self.has_inputs:
             return None
-        return _gather(self._array(layout.INPUT_KEY), self._physical(rows)).astype(object)
+        return gather(self._array(layout.INPUT_KEY), self._physical(rows)).astype(object)
 
     def content_hashes(self) -> np.ndarray:
-        return _gather(self._array(layout.HASH_KEY), self._slots).astype(object)
+        return gather(self._array(layout.HASH_KEY), self._slots).astype(object)
 
     def raw_metadata(self) -> np.ndarray:
-        return _gather(self._array(layout.META_KEY), self._slots).astype(object)
+        return gather(self._array(layout.META_KEY), self._slots).astype(object)
 
     def physical_slots(self) -> np.ndarray:
         return self._slots.copy()

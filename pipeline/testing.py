@@ -171,3 +171,62 @@ def _write_unit(
         pooled[(pooling, layer)] = torch.from_numpy(np.ascontiguousarray(part, np.float32))
     writer.write(np.arange(hi - lo), pooled)
     writer.complete([False] * (hi - lo), wall_s=0.0)
+
+
+def downgrade(url: str, format_version: int) -> Store:
+    """Rewrite a local store written by ``synthetic_store`` in the layout of an older format,
+    as an older actcache wrote it, so that tests read every format a user may still hold.
+
+    Format 2: tokens in one array per layer, each unit reserving ``rows_per_unit ×
+    max_length`` token slots, Blosc-zstd with crc32c, ``rows/token_offset`` a slot.
+    Format 1: format 2 without checksums in the chunk codecs, ``rows/input`` or
+    ``rows/valid``.
+    """
+    import shutil
+    from pathlib import Path
+
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    group = open_group(url, "r+")
+    m = dict(group.attrs[layout.MANIFEST_ATTR])
+    rpu, hidden = int(m["rows_per_unit"]), int(m["model"]["hidden_size"])
+    slots = layout.token_slots_per_unit(rpu, int(m["max_length"]))
+    checks = (Crc32cCodec(),) if format_version >= 2 else ()
+    receipts = [layout.UnitReceipt.model_validate(dict(a.attrs))
+                for _, a in group[layout.UNITS_GROUP].arrays()]
+    if format_version < 2:
+        for layer in m["layers"]:
+            for p in m["poolings"]:
+                if p == "tokens":
+                    continue
+                key = layout.activation_key(p, layer)
+                old = group[key]
+                values = old[:]
+                group.create_array(key, shape=old.shape, chunks=old.chunks, shards=old.shards,
+                                   dtype=old.dtype, fill_value=0, compressors=(),
+                                   attributes=dict(old.attrs), overwrite=True,
+                                   dimension_names=("slot", "hidden"))[:] = values
+        for key in (layout.INPUT_KEY, layout.VALID_KEY):
+            shutil.rmtree(Path(url) / key)
+    if "tokens" in m["poolings"]:
+        offsets = group[layout.TOKEN_OFFSET_KEY][:]
+        for layer in m["layers"]:
+            parts = {r.unit: group[layout.token_unit_key(layer, r.unit)][:]
+                     for r in receipts if r.tokens}
+            dtype = next(iter(parts.values())).dtype if parts else "float32"
+            shutil.rmtree(Path(url) / layout.activation_key("tokens", layer))
+            arr = group.create_array(
+                layout.activation_key("tokens", layer), shape=(int(m["n_units"]) * slots, hidden),
+                chunks=(chunk_rows_for(slots, 4096), hidden), shards=(slots, hidden), dtype=dtype,
+                fill_value=0, compressors=(BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
+                                           *checks),
+                attributes={layout.DTYPE_ATTR: m["dtype"]}, dimension_names=("token_slot", "hidden"))
+            for unit, values in parts.items():
+                arr[unit * slots:unit * slots + len(values)] = values
+        units = np.arange(len(offsets)) // rpu
+        group[layout.TOKEN_OFFSET_KEY][:] = np.where(offsets >= 0, offsets + units * slots, -1)
+    m.update(format_version=format_version, codec="blosc-zstd-3-shuffle; pooled none")
+    if format_version < 2:
+        m.pop("checksum", None)
+    group.attrs[layout.MANIFEST_ATTR] = m
+    return open_store(url)

@@ -14,51 +14,52 @@ import numpy as np
 
 from actcache.create import row_array_keys
 from actcache.schemas import store as layout
-from actcache.schemas.store import UnitReceipt
-from actcache.store import Store, readable
+from actcache.read import corrupt_message
+from actcache.schemas.errors import StoreCorruptError
+from actcache.store import Store
 from actcache.workers.storage import filesystem
 
 
-def _extents(store: Store) -> list[tuple[str, int, bool]]:
-    """(array key, slots per unit, whether it is a token array) of every unit-owned array."""
+def _extents(store: Store) -> list[tuple[str, int, int, int]]:
+    """(array key, unit, first, stop) of what every complete unit wrote to every array."""
     m = store.manifest
     rpu = int(m["rows_per_unit"])
-    arrays = [(key, rpu, False) for key in row_array_keys(m)]
+    out = [(key, r.unit, r.unit * rpu, r.unit * rpu + r.rows)
+           for key in row_array_keys(m) for r in store.receipts]
     if "tokens" in m["poolings"]:
-        per_unit = layout.token_slots_per_unit(rpu, int(m["max_length"]))
-        arrays += [(layout.activation_key("tokens", layer), per_unit, True) for layer in m["layers"]]
-    return arrays
+        for layer in m["layers"]:
+            for r in store.receipts:
+                if layout.packed_tokens(m):
+                    key, base = layout.token_unit_key(layer, r.unit), 0
+                else:
+                    key = layout.activation_key("tokens", layer)
+                    base = r.unit * layout.token_slots_per_unit(rpu, int(m["max_length"]))
+                out.append((key, r.unit, base, base + r.tokens))
+    return out
 
 
 def scan(store: Store) -> dict[int, list[str]]:
-    """Corrupt complete units: unit index -> the arrays whose chunks fail to decode."""
+    """Corrupt complete units: unit index -> the arrays whose chunks fail their checksum or
+    whose shards are missing."""
     corrupt: dict[int, list[str]] = {}
-    for key, per_unit, tokens in _extents(store):
-        arr = store.group[key]
-        for receipt in store.receipts:
-            used = _used(receipt, tokens)
-            if used and not readable(arr, receipt.unit * per_unit + np.arange(used)):
-                corrupt.setdefault(receipt.unit, []).append(key)
+    for key, unit, lo, hi in _extents(store):
+        try:
+            store.reader.check(key, unit, lo, hi)
+        except StoreCorruptError:
+            corrupt.setdefault(unit, []).append(key)
     return corrupt
-
-
-def _used(receipt: UnitReceipt, tokens: bool) -> int:
-    """Slots the unit filled: its rows, or its token positions (the rest is never written)."""
-    return receipt.tokens if tokens else receipt.rows
 
 
 def verify(url: str, storage_options: dict[str, Any] | None = None) -> str:
     """One line when every chunk reads; StoreCorruptError naming each corrupt unit otherwise."""
-    from actcache.schemas.errors import StoreCorruptError
-    from actcache.store import corrupt_message
-
     store = Store(url, storage_options)
     corrupt = scan(store)
     if corrupt:
         raise StoreCorruptError(corrupt_message(url, corrupt))
-    arrays = len(_extents(store))
+    arrays = len({key.rsplit("/", 1)[0] if "tokens/" in key else key
+                  for key, *_ in _extents(store)})
     return (f"verified: {len(store.receipts)} complete units x {arrays} arrays, "
-            "every chunk reads and matches its checksum")
+            "every shard is there and every chunk matches its checksum")
 
 
 def uncommit(store: Store, corrupt: dict[int, list[str]]) -> None:
@@ -70,9 +71,14 @@ def uncommit(store: Store, corrupt: dict[int, list[str]]) -> None:
     fs, root = filesystem(store.url, store.storage_options)
     for unit, keys in sorted(corrupt.items()):
         for key in keys:
-            arr = store.group[key]
-            shard = arr.metadata.encode_chunk_key((unit,) + (0,) * (arr.ndim - 1))
-            fs.rm(f"{root}/{key}/{shard}")
+            if key.startswith("tokens/") and layout.packed_tokens(store.manifest):
+                target = f"{root}/{key}"  # the unit's own array, whole
+            else:
+                arr = store.group[key]
+                shard = arr.metadata.encode_chunk_key((unit,) + (0,) * (arr.ndim - 1))
+                target = f"{root}/{key}/{shard}"
+            if fs.exists(target):  # a missing shard has nothing to remove
+                fs.rm(target, recursive=True)
         fs.rm(f"{root}/{layout.unit_key(unit)}", recursive=True)
 
 
@@ -84,7 +90,7 @@ def repair(url: str, input_ids: set[str], storage_options: dict[str, Any] | None
     have: uncommitting those rows would drop them from the store.
     """
     from actcache.schemas.errors import ConfigError, StoreNotFoundError
-    from actcache.store import _gather
+    from actcache.store import gather
 
     try:
         store = Store(url, storage_options)
@@ -98,7 +104,7 @@ def repair(url: str, input_ids: set[str], storage_options: dict[str, Any] | None
     rpu = int(store.manifest["rows_per_unit"])
     receipts = {r.unit: r for r in store.receipts}
     slots = np.concatenate([np.arange(u * rpu, u * rpu + receipts[u].rows) for u in corrupt])
-    lost = sorted({str(i) for i in _gather(store.group[layout.IDS_KEY], slots)} - input_ids)
+    lost = sorted({str(i) for i in gather(store.group[layout.IDS_KEY], slots)} - input_ids)
     if lost:
         raise ConfigError(
             f"units {', '.join(map(str, corrupt))} need recomputing but ids "

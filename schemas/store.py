@@ -11,11 +11,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Bumped with any change of layout. 2: crc32c checksums on activation chunks;
 ``rows/input``, ``rows/valid``, dimension names on every array; manifest keys ``side``,
-``self_check``, ``rendered_example``; image and audio stores (see docs/STORE.md); stores
-of format 1 stay readable."""
+``self_check``, ``rendered_example``; image and audio stores. 3: packed tokens, one
+uncompressed array per unit (``token_unit_key``), ``rows/token_offset`` counted within
+the unit. Stores of formats 1 and 2 stay readable (see docs/STORE.md)."""
+PACKED_TOKENS_FORMAT = 3
+"""The first format whose token arrays are packed, one per unit."""
 
 MANIFEST_ATTR = "actcache"
 """Root-group attribute that holds the manifest."""
@@ -56,8 +59,34 @@ def unit_key(unit: int) -> str:
 
 
 def token_slots_per_unit(rows_per_unit: int, max_length: int) -> int:
-    """Token slots reserved per unit, so each unit owns whole shards of token arrays."""
+    """Formats 1 and 2: token slots reserved per unit in ``tokens/layer_{L}``, so each unit
+    owns whole shards of the one token array of a layer."""
     return rows_per_unit * max_length
+
+
+def token_unit_key(layer: int, unit: int) -> str:
+    """Format 3: the array holding exactly the tokens of ``unit`` for ``layer``, rows in
+    slot order, each row's tokens contiguous (``rows/token_offset`` counts from 0 here)."""
+    return f"{activation_key('tokens', layer)}/{unit:08d}"
+
+
+MAX_TOKEN_CHUNK = 4096
+"""Format 3: positions per chunk of a unit's token array, at most (3 MiB at hidden 384 in
+float16): whole chunks are the unit of reading, like the pooled arrays' 1,024 rows."""
+
+
+def token_chunks(n_tokens: int, limit: int = MAX_TOKEN_CHUNK) -> tuple[int, int]:
+    """(chunk, shard) positions of a unit's packed token array: equal chunks of at most
+    ``limit`` tiling one shard that covers ``n_tokens`` with less than a chunk count to spare
+    (edge chunks are stored whole, so a chunk much larger than the rest would waste disk)."""
+    count = max(1, -(-n_tokens // limit))
+    chunk = max(1, -(-n_tokens // count))
+    return chunk, chunk * count
+
+
+def packed_tokens(manifest: dict[str, Any]) -> bool:
+    """Whether the store keeps one packed token array per unit (format 3 on)."""
+    return int(manifest.get("format_version", 1)) >= PACKED_TOKENS_FORMAT
 
 
 class Frozen(BaseModel):

@@ -68,9 +68,6 @@ class UnitWriter:
         self.manifest = manifest
         self.dtype = manifest["dtype"]
         self.hidden = manifest["model"]["hidden_size"]
-        self.token_slots = layout.token_slots_per_unit(
-            manifest["rows_per_unit"], manifest["max_length"]
-        )
         self._arrays: dict[str, Any] = {}
 
     def array(self, key: str) -> Any:
@@ -115,12 +112,10 @@ class UnitWriter:
         lo, hi = task.slot_start, task.slot_start + n
         nbytes = 0
         for (pooling, layer), buffer in self.buffers.items():
-            arr = self.array(layout.activation_key(pooling, layer))
             if pooling == "tokens":
-                base = task.unit * self.token_slots
-                arr[base : base + len(buffer)] = buffer
+                self._write_packed(layer, buffer)
             else:
-                arr[lo:hi] = buffer
+                self.array(layout.activation_key(pooling, layer))[lo:hi] = buffer
             nbytes += buffer.nbytes
         self.array(layout.IDS_KEY)[lo:hi] = np.array(task.ids, dtype=str)
         self.array(layout.SEQ_KEY)[lo:hi] = np.array(task.seq, dtype=np.int64)
@@ -135,8 +130,7 @@ class UnitWriter:
                       for x in task.inputs]
             self.array(layout.INPUT_KEY)[lo:hi] = np.array(inputs, dtype=str)
         if "tokens" in self.manifest["poolings"]:
-            base = task.unit * self.token_slots
-            self.array(layout.TOKEN_OFFSET_KEY)[lo:hi] = self.offsets + base
+            self.array(layout.TOKEN_OFFSET_KEY)[lo:hi] = self.offsets
             self.array(layout.TOKEN_LENGTH_KEY)[lo:hi] = self.lengths
         receipt = UnitReceipt(
             unit=task.unit,
@@ -151,6 +145,30 @@ class UnitWriter:
         )
         commit(self.group, receipt)
         return receipt
+
+    def _write_packed(self, layer: int, buffer: np.ndarray) -> None:
+        """Format 3: the unit's tokens as one array of exactly their length, uncompressed.
+
+        The unit owns the array whole, as it owns whole shards of the row arrays; a rerun
+        of the unit replaces it. A unit without any token position writes no array.
+        """
+        from zarr.codecs import Crc32cCodec
+
+        key = layout.token_unit_key(layer, self.task.unit)
+        if not len(buffer):
+            if key in self.group:
+                del self.group[key]
+            return
+        chunk, shard = layout.token_chunks(len(buffer))
+        arr = self.group.create_array(
+            key, shape=buffer.shape, chunks=(chunk, self.hidden), shards=(shard, self.hidden),
+            dtype=buffer.dtype, fill_value=0, compressors=(Crc32cCodec(),),
+            attributes={layout.DTYPE_ATTR: self.dtype},
+            # One dimension name per unit: the arrays differ in length, and xarray refuses
+            # one name with several sizes in a group.
+            dimension_names=(f"token_{self.task.unit:08d}", "hidden"), overwrite=True,
+        )
+        arr[:] = buffer
 
     def failed(self) -> None:
         self.buffers = {}

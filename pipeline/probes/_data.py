@@ -1,4 +1,4 @@
-"""Labels, splits and the streamed row blocks every probe trains on.
+"""Labels, splits and the row blocks every probe trains on (read through ``actcache.read``).
 
 Rows are read in contiguous, chunk-aligned blocks of every requested layer at once, so one
 read serves all layers and all strengths. Inside a block the used rows are reordered by
@@ -13,8 +13,6 @@ train and within test, fixed by a hash of the ids (so it does not depend on row 
 from __future__ import annotations
 
 import hashlib
-import queue
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,13 +27,11 @@ from actcache.schemas.errors import (
     StoreIncompleteError,
 )
 from actcache.schemas.probe import ProbeConfig, ProbeKind, Task
-from actcache.store import widen
+from actcache.read import PREFETCH, prefetch, rows_per_block
 
 UNUSED, FIT, VAL, TEST = 0, 1, 2, 3
 #: Fewest rows a streamed block is cut to when whole chunks do not fit the budget.
 MIN_BLOCK_ROWS = 256
-#: Streamed blocks in existence at once: the caller's and the one read behind it.
-PREFETCH = 2
 SPLIT_VALUES = ("train", "test", "val")
 #: Under ``task: auto``, an integer column with more distinct values than this is a regression.
 AUTO_MAX_CLASSES = 20
@@ -376,14 +372,7 @@ class BlockSource:
             x = np.empty(shape, dtype=np.float32)
         else:
             x = buffer[: int(np.prod(shape))].reshape(shape)
-        stored = getattr(self.store, "read_stored", None)
-        everything = len(order) == stop - start and bool(np.all(order[1:] > order[:-1]))
-        for i, layer in enumerate(self.data.layers):
-            if stored is None:  # stores without a zarr layout (test doubles): float32 rows
-                x[i] = self.store.read_block(layer, self.data.pooling, start, stop)[order]
-                continue
-            values = stored(layer, self.data.pooling, start, stop)
-            widen(values if everything else values[order], self.store.dtype, x[i])
+        self.store.reader.read_into(self.data.layers, self.data.pooling, start + order, x)
         self.reads.values += len(order) * len(self.data.layers)
         block = Block(start, start + order, x, *counts)
         if self._transform is not None:
@@ -400,86 +389,10 @@ class BlockSource:
             for i in order:
                 yield self._cached[i]
             return
-        yield from self._prefetch([self._spans[i] for i in order])
-
-    def _prefetch(self, spans: list[tuple[int, int]]) -> Iterator[Block]:
-        """The blocks of ``spans``, each read while the caller works on the one before.
-
-        Blocks are read into a ring of ``PREFETCH`` buffers, so that many exist whatever
-        the caller keeps referencing: a buffer is reused once the caller has asked for the
-        block after the one it held (a caller must not keep a block past its iteration).
-        """
-        q: queue.Queue[Any] = queue.Queue()
-        stop = threading.Event()
-        slots = threading.Semaphore(PREFETCH)
         size = len(self.data.layers) * self.block_rows * self.data.hidden
-        ring = [np.empty(size, dtype=np.float32) for _ in range(PREFETCH)]
-
-        def work() -> None:
-            try:
-                for i, span in enumerate(spans):
-                    while not slots.acquire(timeout=0.05):
-                        if stop.is_set():
-                            return
-                    if stop.is_set():
-                        return
-                    q.put(self._read(*span, buffer=ring[i % PREFETCH]))
-                q.put(None)
-            except BaseException as exc:  # handed to the consumer, re-raised there
-                q.put(exc)
-
-        thread = threading.Thread(target=work, daemon=True, name="actcache-probe-prefetch")
-        thread.start()
-        try:
-            while (item := q.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                del item
-                slots.release()
-        finally:
-            stop.set()
-            thread.join()
-
-
-_ALLOCATOR_BOUND: list[bool] = []
-
-
-def bound_allocator(threshold: int = 1 << 20) -> bool:
-    """Fix glibc's mmap threshold at ``threshold`` bytes, once per process; True if set.
-
-    Why: by default glibc raises its mmap threshold to the size of the largest block freed
-    so far (up to 32 MiB), so after the first freed activation block every later block
-    comes from the heap arenas instead of mmap. Blocks are allocated by the reader thread
-    (and zarr's decode threads) and freed by the trainer, and the arenas they leave behind
-    are fragmented and rarely trimmed: the resident set then settles at several times the
-    budget (about 90 MB for a 16 MiB budget in the out-of-core test, against 30 MB with a
-    fixed threshold). A fixed threshold serves every block from mmap, handed back to the
-    OS on free. Fixing any threshold disables the adaptation; fixing the trim threshold or
-    the arena count instead was measured not to help.
-
-    Containment: only ``train_probes`` runs that stream call this (a run whose rows fit
-    the budget never does), and only on Linux with glibc. The setting is process-wide and
-    stays for the life of the process, because glibc cannot turn the adaptation back on;
-    its cost to other code is one mmap and page faults per allocation above 1 MiB, small
-    beside the work such an allocation is for, while smaller ones stay in the heap.
-    """
-    if _ALLOCATOR_BOUND:
-        return _ALLOCATOR_BOUND[0]
-    import ctypes
-    import ctypes.util
-    import sys
-
-    ok = False
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            m_mmap_threshold = -3
-            ok = bool(libc.mallopt(m_mmap_threshold, threshold))
-        except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-            ok = False
-    _ALLOCATOR_BOUND.append(ok)
-    return ok
+        yield from prefetch([self._spans[i] for i in order],
+                            lambda span, buffer: self._read(*span, buffer=buffer), size,
+                            name="actcache-probe-prefetch")
 
 
 def plan_blocks(store: Any, data: ProbeData, budget: int, cols: int) -> tuple[int, bool]:
@@ -509,5 +422,4 @@ def stream_rows(chunk: int, budget: int, n_layers: int, hidden: int, row_work: i
     reordered copy (at most 4 bytes a value each), and ``row_work``.
     """
     row_bytes = PREFETCH * n_layers * hidden * 4 + 2 * hidden * 4 + row_work
-    unit = chunk if chunk * row_bytes <= budget else min(chunk, MIN_BLOCK_ROWS)
-    return max(unit, (budget // row_bytes) // unit * unit)
+    return rows_per_block(chunk, row_bytes, budget, MIN_BLOCK_ROWS)

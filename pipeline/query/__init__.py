@@ -5,7 +5,7 @@ delegate here."""
 from __future__ import annotations
 
 from actcache.query._export import export
-from actcache.query._search import METRICS, Ranking, iter_blocks, nearest, topk
+from actcache.query._search import METRICS, Ranking, nearest, topk
 from actcache.query._select import Selection, parse_where, select
 
 __all__ = [
@@ -13,7 +13,6 @@ __all__ = [
     "Ranking",
     "Selection",
     "export",
-    "iter_blocks",
     "nearest",
     "parse_where",
     "select",

@@ -1,11 +1,10 @@
 """Top-k along a direction and nearest neighbours, streamed block by block.
 
-A layer is read in blocks of whole chunks, in physical order, and scored as it comes; a
-running top-k keeps at most ``k`` candidates (plus any ties at the cut) between blocks.
-Memory is bounded whatever the store's size, at about two blocks: one float32 block
-(``BLOCK_BYTES``) and, while it is read, the stored values it is widened from with zarr's
-buffers for them (together one more block for a float16 store, measured), plus the
-scoring's row-by-row work, done ``SCORE_BYTES`` at a time. Ranks are by score
+A layer is read through ``Store.blocks`` (whole chunks, physical order, the next block
+prefetched) and scored as it comes; a running top-k keeps at most ``k`` candidates (plus
+any ties at the cut) between blocks. Memory is bounded whatever the store's size, at
+about two float32 blocks (the reader's ring), the stored values of the block being read,
+plus the scoring's row-by-row work, done ``SCORE_BYTES`` at a time. Ranks are by score
 descending, ties by store row order, exactly as a brute-force sort would give.
 """
 
@@ -17,16 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from actcache.schemas import store as layout
 from actcache.schemas.errors import ConfigError, ShapeMismatchError
 
 if TYPE_CHECKING:
     from actcache.store import Store
 
 METRICS = ("cosine", "dot", "euclidean")
-BLOCK_BYTES = 32 * 2**20
-"""float32 bytes per block: large enough that per-call overhead vanishes, small enough
-to be negligible next to a machine's memory."""
 SCORE_BYTES = 2**20
 """float32 bytes of a block scored at once where scoring needs a temporary per value."""
 
@@ -43,64 +38,15 @@ class Ranking:
         return len(self.rows)
 
 
-def block_rows(store: Store, block_bytes: int) -> int:
-    """Rows per block: a whole number of chunks, at least one."""
-    chunk = store.chunk_rows
-    per_chunk = chunk * store.hidden_size * 4
-    return chunk * max(1, block_bytes // per_chunk)
-
-
-def iter_blocks(
-    store: Store,
-    layer: int,
-    pooling: str | None = None,
-    rows: Sequence[int] | np.ndarray | None = None,
-    block_bytes: int | None = None,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(store positions, float32 values) of a layer, one chunk-aligned block at a time.
-
-    With ``rows``, only those store rows are yielded (each once); blocks holding none of
-    them are not read. ``block_bytes`` defaults to ``BLOCK_BYTES``.
-    """
-    from actcache.store import decode
-
-    index = store.resolve_layer(layer)
-    name = store.resolve_pooling(pooling)
-    if name == "tokens":
+def _blocks(store: Store, layer: int, pooling: str | None,
+            rows: Sequence[int] | np.ndarray | None) -> Iterator[Any]:
+    """The store's blocks of a pooled layer (tokens are refused: ranks are per row)."""
+    if store.resolve_pooling(pooling) == "tokens":
         raise ConfigError(
             "top-k and nearest rank pooled rows, not tokens; choose a pooling among "
             + ", ".join(p for p in store.poolings if p != "tokens")
         )
-    arr = store.group[layout.activation_key(name, index)]
-    slots = store.physical_slots()
-    positions = np.arange(len(slots), dtype=np.int64)
-    if rows is not None:
-        wanted = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if wanted.size and (wanted.min() < -len(slots) or wanted.max() >= len(slots)):
-            raise IndexError(f"rows must lie in 0..{len(slots) - 1}")
-        positions = np.unique(np.where(wanted < 0, wanted + len(slots), wanted))
-        slots = slots[positions]
-    order = np.argsort(slots, kind="stable")
-    slots, positions = slots[order], positions[order]
-    step = block_rows(store, BLOCK_BYTES if block_bytes is None else block_bytes)
-    i = 0
-    while i < len(slots):
-        stop = (int(slots[i]) // step + 1) * step
-        j = int(np.searchsorted(slots, stop, side="left"))
-        lo, hi = int(slots[i]), int(slots[j - 1]) + 1
-        try:
-            raw = np.asarray(arr[lo:hi])
-        except (ValueError, RuntimeError):
-            # A chunk failing its checksum: the store's reader names the unit (or re-raises).
-            raw = store._checked(layout.activation_key(name, index), np.arange(lo, hi),
-                                 int(store.manifest["rows_per_unit"]))
-        values = decode(raw, store.dtype)
-        del raw  # the stored values: only the widened block stays
-        picked = slots[i:j] - lo
-        everything = len(picked) == len(values)  # slots are sorted and distinct
-        yield positions[i:j], values if everything else values[picked]
-        del values
-        i = j
+    return store.blocks(layer, pooling, rows)
 
 
 class RunningTopK:
@@ -159,9 +105,8 @@ def topk(
     store.resolve_layer(layer)
     w = _vector(store, layer, direction, "direction")
     top = RunningTopK(k)
-    for positions, x in iter_blocks(store, layer, pooling, rows):
-        top.push(x @ w, positions)
-        del x  # before the next block is read: one block alive, not two
+    for block in _blocks(store, layer, pooling, rows):
+        top.push(block.values @ w, block.rows)
     return _ranking(store, top)
 
 
@@ -170,8 +115,9 @@ def similarity(x: np.ndarray, query: np.ndarray, metric: str) -> np.ndarray:
     if metric == "dot":
         return x @ query
     if metric == "euclidean":
-        # A slice of rows at a time: the differences are a temporary as large as the rows.
-        step = max(1, SCORE_BYTES // max(1, x.shape[1] * 4))
+        # A slice of rows at a time: the differences, and einsum's product of them, are
+        # each a temporary as large as the rows.
+        step = max(1, SCORE_BYTES // max(1, 2 * x.shape[1] * 4))
         out = np.empty(len(x), dtype=np.float32)
         for lo in range(0, len(x), step):
             diff = x[lo:lo + step] - query
@@ -202,7 +148,6 @@ def nearest(
     store.resolve_layer(layer)
     q = _vector(store, layer, query, "query")
     top = RunningTopK(k)
-    for positions, x in iter_blocks(store, layer, pooling, rows):
-        top.push(similarity(x, q, metric), positions)
-        del x  # before the next block is read: one block alive, not two
+    for block in _blocks(store, layer, pooling, rows):
+        top.push(similarity(block.values, q, metric), block.rows)
     return _ranking(store, top)

@@ -1,0 +1,162 @@
+"""Fetching stored values: the arrays, their codecs, concurrency, and errors naming units.
+
+Local stores decode through zarrs, the Rust codec pipeline for zarr-python: it reads
+every layout actcache has written (compressed token shards included), checks the crc32c
+of every chunk, and measured 3-4x zarr-python's own pipeline on whole-shard reads
+(benchmarks/bench_read.py). Other stores (S3, ``memory://``) use zarr-python's pipeline,
+with ``IN_FLIGHT`` reads of a block outstanding at once, so that a pass over an object
+store is bound by the endpoint rather than by one request at a time.
+
+zarr reads a shard that is not there as fill values (zeros): a committed unit whose shard
+went missing (a partial copy, a lifecycle rule) would read as plausible activations. So
+every read first checks that the shards it covers exist, from one listing per array.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from actcache.read._plan import Plan, Read
+from actcache.schemas.errors import StoreCorruptError
+
+#: Reads of one block in flight at once on a remote store.
+IN_FLIGHT = 16
+
+
+def corrupt_message(url: str, corrupt: dict[int, list[str]]) -> str:
+    """One line naming each corrupt unit (and its arrays) and the fix."""
+    units = "; ".join(f"unit {u} ({', '.join(keys)})" for u, keys in sorted(corrupt.items()))
+    return (
+        f"store {url} has chunks that fail their checksum or are missing in {units}; rerun "
+        "its job with `actcache cache JOB.yaml --repair` to recompute those units"
+    )
+
+
+def _zarrs_available() -> bool:
+    try:
+        import zarrs  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Fetcher:
+    """Reads ``Read`` ranges of a store's arrays as stored (numpy, the storage dtype)."""
+
+    def __init__(self, group: Any, url: str, local: bool) -> None:
+        self.group, self.url, self.local = group, url, local
+        self._arrays: dict[str, Any] = {}
+        self._listed: dict[str, frozenset[str]] = {}
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self.fast = local and _zarrs_available()
+
+    # -- arrays ---------------------------------------------------------------------
+    def array(self, key: str, unit: int | None = None) -> Any:
+        """The zarr array at ``key`` (opened once); a missing one names ``unit``."""
+        arr = self._arrays.get(key)
+        if arr is not None:
+            return arr
+        import zarr
+
+        try:
+            if self.fast:
+                with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):
+                    arr = zarr.open_array(self.group.store, path=key, mode="r")
+            else:
+                arr = zarr.open_array(self.group.store, path=key, mode="r")
+        except (FileNotFoundError, KeyError) as e:
+            raise self._corrupt(key, unit) from e
+        except Exception as e:  # zarr's own "not found" errors carry no common base
+            if type(e).__name__.endswith("NotFoundError"):
+                raise self._corrupt(key, unit) from e
+            raise
+        with self._lock:
+            self._arrays[key] = arr
+        return arr
+
+    def _corrupt(self, key: str, unit: int | None) -> StoreCorruptError:
+        return StoreCorruptError(corrupt_message(self.url, {-1 if unit is None else unit: [key]}))
+
+    def _present(self, arr: Any) -> frozenset[str]:
+        """Every key under the array, listed once (a LIST call per array on S3)."""
+        prefix = arr.path + "/"
+        found = self._listed.get(prefix)
+        if found is None:
+            from zarr.core.sync import sync
+
+            async def collect() -> frozenset[str]:
+                return frozenset([k async for k in self.group.store.list_prefix(prefix)])
+
+            found = sync(collect())
+            with self._lock:
+                self._listed[prefix] = found
+        return found
+
+    def _check_shards(self, arr: Any, key: str, read: Read) -> None:
+        per_shard = (arr.shards or arr.chunks)[0]
+        present = self._present(arr)
+        for shard in range(read.lo // per_shard, (read.hi - 1) // per_shard + 1):
+            name = f"{arr.path}/{arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))}"
+            if name not in present:
+                raise self._corrupt(key, read.unit)
+
+    # -- reads ----------------------------------------------------------------------
+    def fetch(self, key: str, read: Read) -> np.ndarray:
+        """The values of ``read`` as stored, ``take`` applied."""
+        arr = self.array(key, read.unit)
+        if read.hi <= read.lo:
+            return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
+        self._check_shards(arr, key, read)
+        try:
+            values = np.asarray(arr[read.lo:read.hi])
+        except (ValueError, RuntimeError) as e:  # a chunk failing its crc32c
+            raise self._corrupt(key, read.unit) from e
+        return values if read.take is None else values[read.take]
+
+    def fetch_each(self, jobs: Sequence[tuple[str, Read]]) -> Iterator[np.ndarray]:
+        """``fetch`` of each (key, read), in order. On a remote store up to ``IN_FLIGHT``
+        run ahead of the caller; locally one at a time (zarrs decodes a read's chunks on
+        every core already), so only one read's stored values exist at once."""
+        if self.local or len(jobs) < 2:
+            for job in jobs:
+                yield self.fetch(*job)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="actcache-fetch")
+        pending: deque[Future[np.ndarray]] = deque()
+        try:
+            for job in jobs:
+                pending.append(self._pool.submit(self.fetch, *job))
+                if len(pending) >= IN_FLIGHT:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def fill(self, plan: Plan, layers: Sequence[int], out: np.ndarray, dtype: str) -> None:
+        """The values of ``plan`` for each of ``layers``, widened into ``out[i]``
+        (``(len(layers), len(plan), hidden)`` float32)."""
+        from actcache.read._convert import decode, widen
+
+        jobs = [(plan.key(layer, read.unit), read) for layer in layers for read in plan.reads]
+        targets = [(i, read) for i in range(len(layers)) for read in plan.reads]
+        for (i, read), raw in zip(targets, self.fetch_each(jobs), strict=True):
+            if isinstance(read.dest, slice):
+                widen(raw, dtype, out[i, read.dest])
+            else:
+                out[i, read.dest] = decode(raw, dtype)
+            del raw  # before the next read: one read's stored values at a time
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
