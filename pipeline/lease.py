@@ -32,7 +32,7 @@ from typing import Any
 import psutil
 
 from actcache.schemas import store as layout
-from actcache.schemas.errors import LeaseHeldError
+from actcache.schemas.errors import LeaseHeldError, LeaseLostError
 from actcache.workers.storage import filesystem, is_local, local_path
 
 HEARTBEAT_S = 10.0
@@ -40,10 +40,6 @@ STALE_S = 60.0
 # Operators (and tests) may shorten or lengthen the timings, e.g. for slow object stores.
 HEARTBEAT_ENV = "ACTCACHE_LEASE_HEARTBEAT_S"
 STALE_ENV = "ACTCACHE_LEASE_STALE_S"
-
-
-class LeaseLostError(RuntimeError):
-    """Another run took this run's lease (its heartbeat was stale): stop writing."""
 
 
 def _timing(env: str, default: float) -> float:
@@ -232,8 +228,9 @@ class Lease:
         """Raise when another run took the lease over (this run's heartbeat went stale)."""
         if self.lost:
             raise LeaseLostError(
-                f"run {self.run_id} lost the write lease of {self.url} to another run "
-                "(its heartbeat went stale); stopping"
+                f"run {self.run_id} lost the write lease of {self.url} to another run (its "
+                "heartbeat went stale: the machine or the storage stalled); it stopped, and the "
+                "units it committed are kept: rerun the job once the other run has finished"
             )
 
     def release(self) -> None:

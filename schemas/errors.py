@@ -17,8 +17,12 @@ class ActcacheError(Exception):
     """Base of every error actcache raises on purpose."""
 
 
-class RunInterrupted(ActcacheError, KeyboardInterrupt):
-    """Ctrl-C stopped a run; the message says what was committed and how to finish."""
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run; the message says what was committed and how to finish.
+
+    A ``KeyboardInterrupt`` only, not an ``ActcacheError``: those are exceptions, and
+    an ``except Exception`` anywhere between the run and the CLI would swallow a Ctrl-C.
+    """
 
 
 class UserError(ActcacheError):
@@ -35,6 +39,10 @@ class InputDataError(UserError, ValueError):
 
 class InputFileNotFoundError(InputDataError, FileNotFoundError):
     """The inputs file does not exist."""
+
+
+class MediaFileError(InputDataError):
+    """An image or audio file cannot be read or decoded when a worker reaches it."""
 
 
 class ModelLoadError(UserError, OSError):
@@ -103,6 +111,10 @@ class OverflowStorageError(UserError, OverflowError):
 
 class LeaseHeldError(UserError, RuntimeError):
     """Another live run holds the store's write lease."""
+
+
+class LeaseLostError(UserError, RuntimeError):
+    """Another run took this run's write lease (its heartbeat went stale): it stopped."""
 
 
 class ProbeDataError(UserError, ValueError):

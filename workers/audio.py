@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from actcache.schemas.errors import ModelLoadError
+from actcache.schemas.errors import MediaFileError, ModelLoadError
 from actcache.workers.adapters import Batch, Encoded
 from actcache.workers.media import decode_audio, describe, fetch
 from actcache.workers.model import first_line, resolve_model_path
@@ -110,7 +110,10 @@ class AudioAdapter:
             try:
                 samples, _ = decode_audio(fetch(ref, self.storage_options), self.rate)
             except Exception as e:  # the driver checked every file; it changed since
-                raise ValueError(f"cannot read audio {describe(ref)}: {first_line(e)}") from e
+                raise MediaFileError(
+                    f"cannot read audio {describe(ref)}: {first_line(e)}; the file changed "
+                    "after the run checked it: restore or fix it, or remove its row, and rerun"
+                ) from e
             cut = len(samples) > self.max_samples
             if cut:
                 keep = self.max_samples

@@ -14,6 +14,21 @@ from actcache.schemas.errors import LayerNotFoundError, ModelLoadError
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
 
+def _bad_model_files() -> tuple[type[BaseException], ...]:
+    """What loading raises for a model folder the user can fix, and nothing else.
+
+    transformers raises ``OSError`` for a missing or unreadable file (config.json that is
+    not JSON, no weights), ``ValueError`` for a config it cannot use (no or an unknown
+    ``model_type``, code that needs ``trust_remote_code``, inconsistent sizes) and
+    ``ImportError`` for a model that needs a package not installed; safetensors raises its
+    own error for a truncated or garbled weight file. Anything else (CUDA out of memory, a
+    RuntimeError from a bug) is a fault: exit 1, traceback in the log.
+    """
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, ImportError, SafetensorError)
+
+
 PACKAGE_SCHEME = "pkg://"
 _LAYER_ATTRS = ("num_hidden_layers", "n_layer", "num_layers")
 
@@ -53,7 +68,7 @@ def load_config(name: str, revision: str | None = None, trust_remote_code: bool 
         return AutoConfig.from_pretrained(
             path, revision=revision, trust_remote_code=trust_remote_code, **_offline(path)
         )
-    except Exception as e:  # transformers raises OSError/ValueError/EnvironmentError variants
+    except _bad_model_files() as e:
         raise ModelLoadError(
             f"cannot load model {name!r}: {first_line(e)}; give a local model folder "
             "(with config.json) or a hub id already in the local cache"
@@ -62,24 +77,34 @@ def load_config(name: str, revision: str | None = None, trust_remote_code: bool 
 
 def _require_cached(name: str, revision: str | None) -> None:
     """A hub id must already be in the local cache: nothing is downloaded at run time."""
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
     try:
         found = try_to_load_from_cache(name, "config.json", revision=revision)
     except HFValidationError:
-        raise ModelLoadError(
-            f"model {name!r} is neither a local folder nor a hub id (org/name); fix `model` "
-            "in the job"
-        ) from None
+        raise _not_a_model(name) from None
     if not isinstance(found, str):
-        at = f" at revision {revision!r}" if revision else ""
-        raise ModelLoadError(
-            f"model {name!r}{at} is not in the local Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}) and actcache never downloads: put it there with "
-            f"`hf download {name}{' --revision ' + revision if revision else ''}` "
-            "(or set HF_HUB_CACHE to a cache that has it), or give a local model folder"
-        )
+        raise _not_cached(name, revision)
+
+
+def _not_a_model(name: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"model {name!r} is neither a local folder nor a hub id (org/name); fix `model` "
+        "in the job"
+    )
+
+
+def _not_cached(name: str, revision: str | None) -> ModelLoadError:
+    from huggingface_hub import constants
+
+    at = f" at revision {revision!r}" if revision else ""
+    return ModelLoadError(
+        f"model {name!r}{at} is not in the local Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}) and actcache never downloads: put it there with "
+        f"`hf download {name}{' --revision ' + revision if revision else ''}` "
+        "(or set HF_HUB_CACHE to a cache that has it), or give a local model folder"
+    )
 
 
 def _offline(name: str) -> dict[str, Any]:
@@ -212,11 +237,16 @@ def _model_folder(name: str, revision: str | None) -> tuple[str, str | None]:
     if os.path.isdir(name):
         return name, None
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
         folder = snapshot_download(name, revision=revision, local_files_only=True)
-    except Exception as e:
-        raise ModelLoadError(f"model {name!r} is not in the local cache: {first_line(e)}") from e
+    except HFValidationError:
+        raise _not_a_model(name) from None
+    except LocalEntryNotFoundError as e:
+        # What an offline lookup raises for a model (or revision) the cache lacks; any
+        # other failure (a permission error in the cache, a bug) is a fault, not a miss.
+        raise _not_cached(name, revision) from e
     return folder, Path(folder).name
 
 
@@ -289,8 +319,10 @@ def load_model(
             resolve_model_path(name), config=config, revision=revision,
             trust_remote_code=trust, local_files_only=True, **kwargs,
         )
-    except Exception as e:
-        raise ModelLoadError(f"cannot load model {name!r}: {first_line(e)}") from e
+    except _bad_model_files() as e:
+        raise ModelLoadError(
+            f"cannot load model {name!r}: {first_line(e)}; fix or replace the model folder"
+        ) from e
     finally:
         hf_logging.set_verbosity(verbosity)
     if gpus:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from actcache.schemas.errors import ConfigError, ModelLoadError
+from actcache.schemas.errors import ConfigError, MediaFileError, ModelLoadError
 from actcache.workers.adapters import Batch, Encoded
 from actcache.workers.media import IMAGE_BACKEND, decode_image, describe, fetch
 from actcache.workers.model import encoder_config, first_line, resolve_model_path
@@ -116,7 +116,10 @@ class ImageAdapter:
             try:
                 image = decode_image(fetch(ref, self.storage_options))
             except Exception as e:  # the driver checked every file; it changed since
-                raise ValueError(f"cannot read image {describe(ref)}: {first_line(e)}") from e
+                raise MediaFileError(
+                    f"cannot read image {describe(ref)}: {first_line(e)}; the file changed "
+                    "after the run checked it: restore or fix it, or remove its row, and rerun"
+                ) from e
             pixels = self._pixels(image)
             examples.append({"pixel_values": pixels})
             lengths.append(self._length(pixels))
