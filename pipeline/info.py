@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from actcache.store import open_store
+from actcache.schemas import store as layout
+from actcache.store import Store, open_store
 
 
 def _size(url: str, storage_options: dict[str, Any] | None) -> int:
@@ -15,6 +16,42 @@ def _size(url: str, storage_options: dict[str, Any] | None) -> int:
         return int(fs.du(root))
     except (FileNotFoundError, NotImplementedError):
         return 0
+
+
+def _compressed(s: Store, storage_options: dict[str, Any] | None) -> list[str]:
+    """The poolings whose activation arrays compress (a crc32c checksum compresses nothing).
+
+    Read from each array's own codecs: the manifest's `codec` describes the actcache that
+    wrote the store, and stores of every format and codec keep reading.
+    """
+    from zarr.codecs import Crc32cCodec
+
+    from actcache.workers.storage import open_group
+
+    if not s.layers:
+        return []
+    group = open_group(s.url, "r", storage_options)
+    found = []
+    for pooling in s.poolings:
+        if pooling == "tokens" and layout.packed_tokens(s.manifest):
+            continue  # format 3 packs tokens uncompressed, one array per unit
+        array = group[layout.activation_key(pooling, s.layers[0])]
+        if any(not isinstance(c, Crc32cCodec) for c in array.compressors):
+            found.append(pooling)
+    return found
+
+
+def _bytes_line(s: Store, url: str, storage_options: dict[str, Any] | None) -> str:
+    compressed = _compressed(s, storage_options)
+    if not compressed:
+        how = ""
+    elif len(compressed) == len(s.poolings):
+        how = " (compressed)"
+    else:
+        how = f" ({', '.join(compressed)} compressed)"
+    raw = sum(r.bytes for r in s.receipts) / 1e6
+    return (f"{_size(url, storage_options) / 1e6:.1f} MB on storage{how}, {raw:.1f} MB of "
+            f"activations{' uncompressed' if compressed else ''}")
 
 
 def describe(url: str, storage_options: dict[str, Any] | None = None) -> str:
@@ -36,8 +73,7 @@ def describe(url: str, storage_options: dict[str, Any] | None = None) -> str:
         f"rows:        {s.n_rows} complete",
         f"units:       {len(s.receipts)}/{planned} complete ({m['rows_per_unit']} rows each)"
         + ("" if s.complete else "  INCOMPLETE: rerun the job to finish it"),
-        f"bytes:       {_size(url, storage_options) / 1e6:.1f} MB on storage (compressed), "
-        f"{sum(r.bytes for r in s.receipts) / 1e6:.1f} MB of activations uncompressed",
+        f"bytes:       {_bytes_line(s, url, storage_options)}",
         f"columns:     {', '.join(map(str, s.metadata.columns)) or '-'}",
         f"runs:        {len(s.runs)}",
     ]

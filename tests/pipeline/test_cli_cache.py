@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from actcache.cli import main
 from actcache.progress import Progress
 from actcache.schemas.store import UnitReceipt
+from actcache.testing import synthetic_store
 from tests.conftest import SENTENCES
 
 
@@ -109,12 +112,48 @@ def test_console_script_caches_then_info_describes(job_file, tmp_path):
     assert f"rows:        {len(SENTENCES)} complete" in info.stdout
     assert "units:       3/3 complete" in info.stdout
     assert "columns:     topic" in info.stdout
-    assert "MB on storage (compressed), " in info.stdout
-    assert "MB of activations uncompressed" in info.stdout
+    # Every layer is stored raw (create.py's CODEC): nothing is called compressed.
+    assert re.search(r"bytes: +\d+\.\d MB on storage, \d+\.\d MB of activations\n", info.stdout)
     again = subprocess.run([exe, "cache", str(job_file)], capture_output=True, text=True,
                            timeout=300, env=env)
     assert again.returncode == 0
     assert f"0 added, 0 updated, {len(SENTENCES)} skipped" in again.stdout
+
+
+def _bytes_line(store: Path, capsys) -> str:
+    assert main(["info", str(store)]) == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("bytes:")]
+    return line
+
+
+def _compress(store: Path, key: str) -> None:
+    """Rewrite one activation array through zstd, as actcache up to format 2 stored it."""
+    import zarr
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    group = zarr.open_group(str(store), mode="a")
+    old = group[key]
+    values, attrs = old[:], dict(old.attrs)
+    chunks, shards = old.chunks, old.shards
+    del group[key]
+    new = group.create_array(key, shape=values.shape, dtype=values.dtype, chunks=chunks,
+                             shards=shards, dimension_names=old.metadata.dimension_names,
+                             compressors=(BloscCodec(cname="zstd", clevel=3), Crc32cCodec()))
+    new[:] = values
+    new.attrs.update(attrs)
+
+
+def test_info_calls_a_store_compressed_only_where_its_arrays_compress(tmp_path, capsys):
+    values = np.arange(40 * 8, dtype="float32").reshape(40, 8)
+    store = tmp_path / "s.zarr"
+    synthetic_store(str(store), {0: values, 1: values}, rows_per_unit=20)
+    # Pooled layers are stored raw: their size on storage is not a compressed one.
+    assert re.fullmatch(r"bytes: +\d+\.\d MB on storage, \d+\.\d MB of activations",
+                        _bytes_line(store, capsys))
+    for layer in (0, 1):
+        _compress(store, f"mean/layer_{layer}")
+    assert re.fullmatch(r"bytes: +\d+\.\d MB on storage \(compressed\), "
+                        r"\d+\.\d MB of activations uncompressed", _bytes_line(store, capsys))
 
 
 def test_info_on_a_missing_store_is_one_line(tmp_path, capsys):
