@@ -26,26 +26,13 @@ from actcache.schemas.store import UnitReceipt, UnitTask
 from actcache.workers.adapters import make_adapter, model_side, side_layers
 from actcache.workers.capture import Capture
 from actcache.workers.final_norm import final_norm
-from actcache.workers.model import (
-    depth_needed,
-    encoder_config,
-    encoder_of,
-    input_device,
-    load_config,
-    load_model,
-)
+from actcache.workers.model import depth_needed, input_device, load_config, load_model
 from actcache.workers.placement import actor_gpus, offloaded
 from actcache.workers.selfcheck import CHECK_INPUTS, self_check, tolerance
 from actcache.workers.storage import open_group
 from actcache.workers.writer import UnitWriter
 
 _QUEUE_DEPTH = 4
-
-
-def modality(job: dict[str, Any]) -> str:
-    if job.get("image_column") is not None:
-        return "image"
-    return "audio" if job.get("audio_column") is not None else "text"
 
 
 class CachingWorker:
@@ -66,18 +53,17 @@ class CachingWorker:
         config = load_config(name, job.get("revision"), bool(job.get("trust_remote_code")))
         self.adapter = make_adapter(job, config, manifest["max_length"],
                                     manifest["truncation_side"], storage_options)
-        kind = modality(job)
-        config = encoder_config(config, kind)
+        config = self.adapter.encoder_config(config)
         side = model_side(job, config)
         n_layers = side_layers(config, side)
         # Text models are built only as deep as asked (tested family by family); the
         # decoder side and other modalities load whole and are cut after loading.
         depth = (depth_needed(manifest["layers"], n_layers)
-                 if kind == "text" and side != "decoder" else None)
+                 if self.adapter.modality == "text" and side != "decoder" else None)
         self.load_error: UserError | None = None
         try:
-            self.model = encoder_of(
-                load_model(name, job, depth, actor_gpus(job.get("gpus_per_worker"))), kind
+            self.model = self.adapter.encoder(
+                load_model(name, job, depth, actor_gpus(job.get("gpus_per_worker")))
             )
         except UserError as e:
             # Raised here, Ray would only say the actor died (and start another); kept and
@@ -138,8 +124,8 @@ class CachingWorker:
         else:
             tol = tolerance(self.manifest["dtype"], self.manifest["model_dtype"])
             with self._forward_lock, torch.inference_mode():
-                record = self_check(self.capture, self.adapter, self.adapter.encode(inputs),
-                                    tol, job["model"], self.device)
+                record = self_check(self.capture, self.adapter, inputs, tol, job["model"],
+                                    self.device)
         record["seconds"] = round(time.perf_counter() - started, 3)
         self.checked = record
         return record
@@ -171,10 +157,9 @@ class CachingWorker:
         Images of different pixel shapes, and audio for a group-norm feature encoder of
         different lengths, never share a batch (``adapter.batch_key``).
         """
-        key = getattr(self.adapter, "batch_key", None)
         groups: dict[Any, list[int]] = {}
         for i in order:
-            groups.setdefault(key(examples[i]) if key else None, []).append(int(i))
+            groups.setdefault(self.adapter.batch_key(examples[i]), []).append(int(i))
         return [
             np.asarray(rows[i : i + self.batch_size])
             for rows in groups.values()

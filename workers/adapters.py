@@ -1,10 +1,13 @@
 """Input adapters: the one place that knows the modality of the inputs.
 
-``make_adapter`` picks the adapter from the job's input column. An adapter encodes a
-unit's inputs once into per-example model inputs (``Encoded``) and pads a batch of them
-(``Batch``). Everything past the adapter (capture, pooling, writer, self-check) sees only
-``Encoded.lengths`` and ``Batch``: forward kwargs, a mask of the positions that belong to
-each example, and the number of leading prefix positions that ``mean`` leaves out.
+``make_adapter`` picks the adapter from the job's modality (``JobConfig.modality``, the
+one place it is derived). Every adapter satisfies ``InputAdapter``: it encodes a unit's
+inputs once into per-example model inputs (``Encoded``), says which examples may share a
+batch and pads a batch of them (``Batch``), and answers what the rest of the code would
+otherwise ask of the modality: the encoder a job runs, its prefix positions, whether
+``first`` means anything, and which per-row extras (an image's patch grid) go beside the
+rows. Everything past the adapter (capture, pooling, writer, self-check, driver) sees
+only that interface.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from actcache.schemas.errors import ConfigError, ModelLoadError
+from actcache.schemas.job import JobConfig
 from actcache.workers.model import first_line, num_layers, resolve_model_path
 
 # Tokenizers report "no limit" as a huge sentinel; beyond this we use the model config.
@@ -56,6 +60,61 @@ class Batch:
         return Batch(inputs, self.mask.to(device), self.prefix)
 
 
+class InputAdapter(Protocol):
+    """What every input adapter (text, image, audio) gives the worker, the self-check and
+    the driver; mypy checks that each adapter class satisfies it (``make_adapter``)."""
+
+    modality: str
+    """text, image or audio."""
+    side: str | None
+    """Encoder–decoder models: whose hidden states are stored (None for other models)."""
+    max_length: int
+    """Sequence positions of the longest example (the manifest's ``max_length``)."""
+    padding_side: str
+    """The side a batch is padded on; the self-check may switch it."""
+    padding_sides: tuple[str, ...]
+    """Sides this adapter can pad on, the one in use first (the self-check tries them)."""
+    prefix: int
+    """Leading positions of every example that are not inputs (class and register tokens):
+    ``mean`` leaves them out, the manifest records them."""
+    defines_first: bool
+    """Whether ``first`` pooling names a meaningful position (a text model's first token, a
+    vision encoder's class token; not SigLIP's first patch or an audio frame)."""
+    row_extras: tuple[str, ...]
+    """Keys of ``Encoded.extra`` that hold one value per row for the store (an image's
+    patch grid)."""
+    batched_processor: bool
+    """Whether ``encode`` runs its processor over many inputs in one call, a choice the
+    self-check proves exact (or undoes) by encoding each input alone."""
+
+    @property
+    def description(self) -> str:
+        """The tokenizer or processor, as the manifest names it."""
+        ...
+
+    def encoder_config(self, config: Any) -> Any:
+        """The config of the encoder the job runs (a two-tower model's image tower)."""
+        ...
+
+    def encoder(self, model: Any) -> Any:
+        """The module the job runs, set up to keep every position (see workers/vision.py)."""
+        ...
+
+    def render(self, value: Any) -> str | None:
+        """The input as the model sees it, when that differs from the stored input."""
+        ...
+
+    def encode(self, inputs: Sequence[Any]) -> Encoded:
+        ...
+
+    def batch(self, examples: Sequence[dict[str, Any]]) -> Batch:
+        ...
+
+    def batch_key(self, example: dict[str, Any]) -> Any:
+        """Only examples with equal keys share a batch (None: any may)."""
+        ...
+
+
 def forward_parameters(config: Any) -> set[str] | None:
     """Named parameters of the forward of ``AutoModel``'s class for ``config``.
 
@@ -83,6 +142,11 @@ class TextAdapter:
     modality = "text"
     side: str | None = None
     """Encoder–decoder models: whose hidden states are stored."""
+    prefix = 0
+    defines_first = True
+    row_extras: tuple[str, ...] = ()
+    # Tokenizers encode every text on its own; batching them is not a choice to check.
+    batched_processor = False
 
     def __init__(
         self,
@@ -136,8 +200,19 @@ class TextAdapter:
         self.tokenizer.padding_side = side
 
     @property
+    def padding_sides(self) -> tuple[str, ...]:
+        side = self.padding_side
+        return side, "left" if side == "right" else "right"
+
+    @property
     def description(self) -> str:
         return f"{type(self.tokenizer).__name__}({self.tokenizer.name_or_path})"
+
+    def encoder_config(self, config: Any) -> Any:
+        return config
+
+    def encoder(self, model: Any) -> Any:
+        return model
 
     def model_limit(self, config: Any) -> int:
         limits = [int(self.tokenizer.model_max_length)]
@@ -213,6 +288,10 @@ class TextAdapter:
         ids = torch.tensor([self.decoder_ids] * len(examples))
         return Batch({**padded, "decoder_input_ids": ids}, torch.ones_like(ids, dtype=torch.bool))
 
+    def batch_key(self, example: dict[str, Any]) -> Any:
+        """Any texts share a batch: padding is masked (and checked by the self-check)."""
+        return None
+
 
 def _rows(columns: dict[str, list[list[int]]]) -> list[dict[str, Any]]:
     keys = list(columns)
@@ -243,24 +322,26 @@ def side_layers(config: Any, side: str | None) -> int:
 
 
 def make_adapter(job: dict[str, Any], config: Any, max_length: int | None,
-                 truncation_side: str, storage_options: dict[str, Any] | None = None) -> Any:
+                 truncation_side: str, storage_options: dict[str, Any] | None = None
+                 ) -> InputAdapter:
     """The adapter for the job's input column: text here, images and audio in their modules.
 
     ``storage_options`` reach image and audio files at fsspec URLs.
     """
     side = model_side(job, config)
-    media = {
+    modality = JobConfig.model_validate(job).modality
+    media: dict[str, Any] = {
         "revision": job.get("revision"),
         "trust_remote_code": bool(job.get("trust_remote_code")),
         "max_length": max_length,
         "model_config": config,
         "storage_options": storage_options,
     }
-    adapter: Any
-    if job.get("image_column") is not None or job.get("audio_column") is not None:
+    adapter: InputAdapter
+    if modality != "text":
         if side == "decoder":
             raise ConfigError("an image or audio job caches the encoder; remove `side: decoder`")
-        if job.get("image_column") is not None:
+        if modality == "image":
             from actcache.workers.vision import ImageAdapter
 
             adapter = ImageAdapter(job["model"], **media)

@@ -29,7 +29,16 @@ class AudioAdapter:
     """Runs the feature extractor on each example alone, as the reference does."""
 
     modality = "audio"
+    side: str | None = None
     padding_side = "right"
+    padding_sides = ("right",)
+    prefix = 0
+    # Frames have no class token: `first` would be an arbitrary frame.
+    defines_first = False
+    row_extras: tuple[str, ...] = ()
+    # The feature extractor runs on each clip alone, as the reference does: over a list it
+    # pads every clip to the longest.
+    batched_processor = False
 
     def __init__(
         self,
@@ -65,8 +74,6 @@ class AudioAdapter:
         self.pad_exact = getattr(model_config, "feat_extract_norm", "layer") != "group"
         self.truncation_side = truncation_side
         self.storage_options = storage_options
-        self.has_class_token = False
-        self.prefix = 0
         window = DEFAULT_SECONDS * self.rate
         if self.whisper:
             window = int(self.extractor.n_samples)
@@ -76,6 +83,13 @@ class AudioAdapter:
     @property
     def description(self) -> str:
         return f"{type(self.extractor).__name__}(sampling_rate={self.rate})"
+
+    def encoder_config(self, config: Any) -> Any:
+        return config
+
+    def encoder(self, model: Any) -> Any:
+        """The whole model: an encoder–decoder (Whisper) runs its encoder side in Capture."""
+        return model
 
     def frames(self, samples: int) -> int:
         """Real frames of ``samples`` samples, by the model class's own length formula."""

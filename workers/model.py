@@ -260,34 +260,6 @@ def block_list(model: Any, n_layers: int) -> Any | None:
     return None
 
 
-#: Two-tower checkpoints (CLIP, SigLIP): an image job runs the image tower alone.
-TWO_TOWER = ("clip", "siglip")
-
-
-def encoder_config(config: Any, modality: str) -> Any:
-    """The config that describes the encoder a job runs: the image tower of a two-tower model."""
-    if modality == "image" and getattr(config, "model_type", None) in TWO_TOWER:
-        return config.vision_config
-    return config
-
-
-def encoder_of(model: Any, modality: str) -> Any:
-    """The module an image job runs: the image tower of a two-tower model (an encoder-decoder
-    such as Whisper runs its encoder side, as a text job's does).
-
-    ViT-MAE's random masking is turned off (``mask_ratio = 0``): every patch is kept; the
-    image adapter's identity noise keeps them in place.
-    """
-    if modality == "text":
-        return model
-    config = model.config
-    if modality == "image" and getattr(config, "model_type", None) in TWO_TOWER:
-        return model.vision_model
-    if getattr(config, "model_type", None) == "vit_mae":
-        config.mask_ratio = 0.0
-    return model
-
-
 def load_model(
     name: str, job: dict[str, Any], depth: int | None = None, gpus: Sequence[int] = ()
 ) -> Any:

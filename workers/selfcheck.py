@@ -8,8 +8,10 @@ pooling. When they differ it tries the fixes it knows (the model's own position 
 fed with mask-aware positions; the other padding side) and keeps the first that makes
 them agree; when none does, the job is refused.
 
-Works on the adapter seam only (``encode``/``batch`` and a capture of a ``Batch``), so it
-applies to every modality unchanged.
+The inputs run alone are also encoded alone, so an image processor that the adapter runs
+over many images per call is proved exact too (and run one image per call if it is
+not). Works on the adapter seam only (``InputAdapter``: ``encode``, ``batch``,
+``batch_key``, a capture of a ``Batch``), so it applies to every modality unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 
 from actcache.schemas.errors import SelfCheckError
+from actcache.workers.adapters import Encoded, InputAdapter
 
 # Relative error allowed between batched and alone values (max |diff| / max |alone| of a
 # layer), by the least precise of the forward and storage dtypes: well above the rounding
@@ -46,9 +49,12 @@ def pick_inputs(inputs: Sequence[Any], count: int = CHECK_EXAMPLES) -> list[Any]
     return list(dict.fromkeys(picks))
 
 
-def compare(capture: Any, adapter: Any, examples: Sequence[dict[str, Any]],
-            device: torch.device | None = None) -> tuple[float, str]:
-    """(largest relative error over layers and poolings, where it is) of batched vs alone."""
+def compare(capture: Any, adapter: InputAdapter, examples: Sequence[dict[str, Any]],
+            alone: Sequence[dict[str, Any]], device: torch.device | None = None
+            ) -> tuple[float, str]:
+    """(largest relative error over layers and poolings, where it is) of ``examples`` run
+    in the batches the worker forms against ``alone[i]``: the same input encoded alone
+    and run alone."""
     def run(group: Sequence[dict[str, Any]]) -> dict[tuple[str, int], torch.Tensor]:
         batch = adapter.batch(group)
         return dict(capture(batch if device is None else batch.to(device)))
@@ -56,17 +62,15 @@ def compare(capture: Any, adapter: Any, examples: Sequence[dict[str, Any]],
     # Examples the adapter never batches together (images of other pixel shapes, audio
     # for a group-norm feature encoder of other lengths) are compared in the groups the
     # worker forms.
-    key_of = getattr(adapter, "batch_key", None)
-    groups: dict[Any, list[dict[str, Any]]] = {}
-    for e in examples:
-        groups.setdefault(key_of(e) if key_of else None, []).append(e)
-    ordered = [e for group in groups.values() for e in group]
-    parts = [run(group) for group in groups.values()]
+    groups: dict[Any, list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(adapter.batch_key(e), []).append(i)
+    parts = [run([examples[i] for i in group]) for group in groups.values()]
     batched = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-    alone = [run([e]) for e in ordered]
+    singles = [run([alone[i]]) for group in groups.values() for i in group]
     worst, where = 0.0, ""
     for key, got in batched.items():
-        want = torch.cat([a[key] for a in alone])
+        want = torch.cat([a[key] for a in singles])
         scale = float(want.abs().max()) or 1.0
         diff = (got - want).abs().max()
         err = float("inf") if not torch.isfinite(diff) else float(diff) / scale
@@ -75,36 +79,46 @@ def compare(capture: Any, adapter: Any, examples: Sequence[dict[str, Any]],
     return worst, where
 
 
-def candidates(capture: Any, adapter: Any) -> list[tuple[str, str]]:
-    """(padding side, position rule) pairs to try, as given first."""
-    side = adapter.padding_side
-    other = "left" if side == "right" else "right"
+def candidates(capture: Any, adapter: InputAdapter) -> list[tuple[str, str, bool]]:
+    """(padding side, position rule, batched processor) to try, as given first.
+
+    A processor run over many inputs per call that does not prove exact falls back to
+    one input per call before the job is refused.
+    """
     rules = ["model", "mask"] if capture.takes_positions else ["model"]
-    sides = [side, other] if hasattr(adapter, "tokenizer") else [side]
-    return [(s, r) for s in sides for r in rules]
+    together = [True, False] if adapter.batched_processor else [False]
+    return [(s, r, t) for t in together for s in adapter.padding_sides for r in rules]
 
 
-def self_check(capture: Any, adapter: Any, encoded: Any, tol: float, model: str,
+def self_check(capture: Any, adapter: InputAdapter, inputs: Sequence[Any], tol: float, model: str,
                device: torch.device | None = None) -> dict[str, Any]:
     """Choose a padding side and position rule that make batches exact, or refuse.
 
-    The winning choice is left applied to ``adapter`` and ``capture``; the returned record
-    goes into the manifest.
+    ``inputs`` are encoded as a unit's are (a batched processor included) and compared,
+    batch by batch, with each input encoded and run alone. The winning choice is left
+    applied to ``adapter`` and ``capture``; the returned record goes into the manifest.
     """
-    examples = encoded.examples
+    alone = [adapter.encode([x]).examples[0] for x in inputs]
+    encodings: dict[bool, Encoded] = {}
     tried: list[str] = []
     first_error, first_where = 0.0, ""
-    for side, rule in candidates(capture, adapter):
+    for side, rule, together in candidates(capture, adapter):
         adapter.padding_side, capture.positions = side, rule
-        err, where = compare(capture, adapter, examples, device)
+        adapter.batched_processor = together
+        if together not in encodings:
+            encodings[together] = adapter.encode(inputs)
+        encoded = encodings[together]
+        err, where = compare(capture, adapter, encoded.examples, alone, device)
         if err <= tol:
             return {
-                "examples": len(examples), "lengths": list(encoded.lengths), "padding_side": side,
-                "positions": rule, "max_rel_error": err, "tolerance": tol,
+                "examples": len(inputs), "lengths": list(encoded.lengths), "padding_side": side,
+                "positions": rule, "batched_processor": together, "max_rel_error": err,
+                "tolerance": tol,
             }
         if not tried:
             first_error, first_where = err, where
-        tried.append(f"{side} padding with {rule} positions")
+        tried.append(f"{side} padding with {rule} positions"
+                     + (", batched processor" if together else ""))
     raise SelfCheckError(
         f"model {model!r} is not exact under padding: at {first_where} a padded batch differs "
         f"from each input alone by a relative error of {first_error:.3g} (tolerance {tol:g}; "
