@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actcache.create import mark_valid
-from actcache.fit import plan_workers
+from actcache.fit import check_one_worker, plan_workers
 from actcache.jobfile import load_job, parse_job
 from actcache.lease import Lease
 from actcache.lifecycle import (
@@ -101,6 +101,8 @@ def run_job(
             "a memory:// store lives inside one process and Ray workers cannot reach it; "
             "use a local path or s3:// for `store`, or run with --in-process"
         )
+    if inline:
+        check_one_worker(job)
     run_id = new_run_id()
     if dry_run:
         from actcache.dryrun import dry_run as print_dry_run

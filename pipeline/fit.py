@@ -30,7 +30,6 @@ def plan_workers(job: JobConfig, manifest: Manifest, inline: bool) -> tuple[int,
     from actcache.workers.placement import weight_bytes
 
     if inline:
-        check_one_worker(job)
         from actcache.workers.devices import gpu_count
 
         resources = {"CPU": 1.0, "GPU": float(gpu_count())}
