@@ -77,6 +77,11 @@ class JobConfig(Frozen):
     final_norm: bool = False
     """Apply the model's final norm (the one ``last_hidden_state`` carries) to every stored
     layer, as DINOv2's and timm's intermediate-layer APIs do."""
+    last_layer: Literal["hidden_states", "block"] = "hidden_states"
+    """What the last layer (index L, or -1) stores. ``hidden_states``: the model's own last
+    hidden state, ``hidden_states[-1]``, which in decoders (GPT-2, Llama...) and T5 is the
+    output of the final norm. ``block``: the last block's own output, the residual stream
+    before any final norm, as every other layer is."""
     text_pair_column: str | None = None
     """A second text column passed to the tokenizer as the pair (NLI, paraphrase probing)."""
     chat_template: bool = False
@@ -155,6 +160,9 @@ class JobConfig(Frozen):
             raise ValueError("`chat_template` and `text_pair_column` cannot be combined")
         if self.decoder_prompt and self.side != "decoder":
             raise ValueError("`decoder_prompt` needs `side: decoder`")
+        if self.final_norm and self.last_layer == "block":
+            raise ValueError("`final_norm: true` puts the final norm on every layer and "
+                             "`last_layer: block` keeps it off the last one: choose one")
 
         if self.gpus_per_worker and self.gpus_per_worker > 1 and self.gpus_per_worker % 1:
             raise ValueError("`gpus_per_worker` above 1 must be a whole number of GPUs")
@@ -191,6 +199,7 @@ SHAPING_FIELDS: tuple[str, ...] = (
     "image_column",
     "audio_column",
     "final_norm",
+    "last_layer",
     "text_pair_column",
     "chat_template",
     "system_prompt",

@@ -71,9 +71,15 @@ class CachingWorker:
             self.load_error = e
             return
         self.device = input_device(self.model)
-        self.capture = Capture(self.model, manifest["layers"], n_layers, manifest["poolings"], side)
-        if job.get("final_norm"):
-            self.capture.norm = final_norm(self.capture.net, config, n_layers)
+        try:
+            self.capture = Capture(self.model, manifest["layers"], n_layers, manifest["poolings"],
+                                   side, last_block=job.get("last_layer") == "block")
+            if job.get("final_norm"):
+                self.capture.norm = final_norm(self.capture.net, config, n_layers)
+        except UserError as e:
+            # A layer this model cannot give: kept and raised by each call, as a load error is.
+            self.load_error = e
+            return
         self.batch_size = int(job["batch_size"])
         # Opened at the first unit: workers check themselves before the store is written.
         self._store = (store_url, storage_options)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from actcache.schemas.errors import ModelLoadError
+from actcache.schemas.errors import ConfigError, ModelLoadError
 from actcache.workers.adapters import Batch
 from actcache.workers.model import block_list, num_layers
 
@@ -29,12 +29,15 @@ class Capture:
     way the model numbers an unpadded input: from its position table's first position.
     ``side`` picks an encoder–decoder model's encoder (run alone) or decoder.
     ``norm(layer, h)``, when given, is applied to every layer's states before pooling
-    (``final_norm`` jobs).
+    (``final_norm`` jobs). With ``last_block``, layer ``n_layers`` is read from a hook on
+    the last block too (``last_layer: block`` jobs): the block's own output, before the
+    final norm that decoders put into their last hidden state.
     """
 
     def __init__(self, model: Any, layers: Sequence[int], n_layers: int, poolings: Sequence[str],
                  side: str | None = None,
-                 norm: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
+                 norm: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                 last_block: bool = False):
         self.model = model
         self.norm = norm
         self.side = side
@@ -45,10 +48,11 @@ class Capture:
         self.poolings = tuple(poolings)
         self.n_layers = n_layers
         self._hooked: torch.Tensor | None = None
+        #: The layer read from ``_hook`` rather than from the model's hidden states.
+        self._hooked_layer: int | None = None
         self.takes_positions = "position_ids" in inspect.signature(self.net.forward).parameters
         self.positions = "model"
         self._first_position = first_position(self.net)
-        self._truncated = False
         deepest = max(self.layers)
         keep = max(deepest, 1)
         # The decoder side runs the whole model; its block list is not the first one found.
@@ -57,9 +61,18 @@ class Capture:
         blocks = block_list(self.net, built_blocks(self.net, n_layers)) if side != "decoder" else None
         if deepest < n_layers and blocks is not None:
             del blocks[keep:]
-            self._truncated = True
             if deepest >= 1:
                 blocks[deepest - 1].register_forward_hook(self._hook)
+                self._hooked_layer = deepest
+        elif last_block and deepest == n_layers:
+            last = blocks if side != "decoder" else block_list(model.get_decoder(), n_layers)
+            if last is None:
+                raise ConfigError(
+                    f"cannot find the block list of this {getattr(model.config, 'model_type', '')}"
+                    " model, so its last block's output cannot be read; remove `last_layer: block`"
+                )
+            last[n_layers - 1].register_forward_hook(self._hook)
+            self._hooked_layer = n_layers
 
     def _hook(self, _module: Any, _inputs: Any, output: Any) -> None:
         self._hooked = output[0] if isinstance(output, tuple) else output
@@ -74,11 +87,10 @@ class Capture:
             inputs = {**inputs, "position_ids": positions}
         out = self.net(**inputs, output_hidden_states=True, return_dict=True)
         states = out.decoder_hidden_states if self.side == "decoder" else out.hidden_states
-        if not self._truncated:
-            return {layer: states[layer] for layer in self.layers}
-        deepest = max(self.layers)
-        result = {layer: states[layer] for layer in self.layers if layer < deepest}
-        result[deepest] = states[0] if deepest == 0 else self._hooked
+        result = {layer: states[layer] for layer in self.layers if layer != self._hooked_layer}
+        if self._hooked_layer is not None:
+            assert self._hooked is not None  # the hooked block ran in this forward
+            result[self._hooked_layer] = self._hooked
         return result
 
     @torch.inference_mode()

@@ -16,6 +16,7 @@ def test_defaults_live_in_the_schema():
     assert (job.dtype.value, job.model_dtype.value, job.batch_size, job.rows_per_unit) == (
         "float16", "auto", 32, 1024)
     assert job.trust_remote_code is False and job.id_column is None
+    assert job.last_layer == "hidden_states" and job.final_norm is False
 
 
 @pytest.mark.parametrize(
@@ -29,9 +30,10 @@ def test_defaults_live_in_the_schema():
         ("rows_per_unit", 1, 1),
         ("max_length", 1, 1),
         ("workers", 1, 1),
+        ("last_layer", "block", "block"),
     ],
     ids=["layers-list", "layers-int", "pooling-str", "pooling-all", "batch-1", "unit-1",
-         "maxlen-1", "workers-1"],
+         "maxlen-1", "workers-1", "last-block"],
 )
 def test_valid_values(field, value, expected):
     assert getattr(JobConfig(**BASE, **{field: value}), field) == expected
@@ -51,6 +53,8 @@ def test_valid_values(field, value, expected):
         ({"dtype": "int8"}, "float16"),
         ({"truncation_side": "middle"}, "'right' or 'left'"),
         ({"modle": "x"}, "Extra inputs are not permitted"),
+        ({"last_layer": "residual"}, "'hidden_states' or 'block'"),
+        ({"last_layer": "block", "final_norm": True}, "choose one"),
     ],
     ids=lambda v: str(v)[:24],
 )
