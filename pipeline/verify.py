@@ -113,4 +113,4 @@ def repair(url: str, input_ids: set[str], storage_options: dict[str, Any] | None
         )
     uncommit(store, found)
     echo(f"repair: recomputing units {', '.join(map(str, corrupt))} "
-         "(chunks that failed their checksum)")
+         "(chunks that failed their checksum or shards that are missing)")

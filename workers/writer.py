@@ -72,8 +72,17 @@ class UnitWriter:
 
     def array(self, key: str) -> Any:
         if key not in self._arrays:
-            self._arrays[key] = self.group[key]
+            import zarr
+
+            # Every chunk is written, zeros included: a reader then knows a committed
+            # unit's missing shard for a loss, not for chunks zarr chose to skip.
+            with zarr.config.set({"array.write_empty_chunks": True}):
+                self._arrays[key] = zarr.open_array(self.group.store, path=self._path(key),
+                                                    mode="r+")
         return self._arrays[key]
+
+    def _path(self, key: str) -> str:
+        return f"{self.group.path}/{key}".lstrip("/")
 
     def start(self, task: UnitTask, lengths: Sequence[int],
               extra: dict[str, Any] | None = None) -> None:
@@ -167,6 +176,7 @@ class UnitWriter:
             # One dimension name per unit: the arrays differ in length, and xarray refuses
             # one name with several sizes in a group.
             dimension_names=(f"token_{self.task.unit:08d}", "hidden"), overwrite=True,
+            config={"write_empty_chunks": True},
         )
         arr[:] = buffer
 
