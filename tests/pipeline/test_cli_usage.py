@@ -90,6 +90,7 @@ def test_task_regression_alone_trains_ridge(store, tmp_path):
     assert set(pd.read_csv(out / "metrics.csv")["probe"]) == {"ridge"}
 
 
+@pytest.mark.slow  # the console script with torch and transformers imported: ~9 s
 def test_a_hub_id_not_in_the_cache_says_so_and_how_to_fetch_it(tmp_path):
     (tmp_path / "in.jsonl").write_text('{"text": "a"}\n')
     job = tmp_path / "job.yaml"

@@ -22,6 +22,9 @@ from actcache.driver import parse_job, run_job
 from tests.conftest import SENTENCES
 from tests.families import DECODERS, ENCODER_DECODERS, ENCODERS, build
 
+# Every family is cached in full and checked against its own forward pass: minutes in all.
+pytestmark = pytest.mark.slow
+
 TEXTS = [SENTENCES[i] for i in (2, 0, 3, 6, 7, 11, 4)]
 REL_TOL = 1e-4
 EARLY = [0, 1]  # below the last of 2 blocks: the forward is cut after block 1

@@ -24,6 +24,9 @@ from tests.media import (
     write_images,
 )
 
+# Every vision and speech model is cached in full and checked against a forward pass of each input.
+pytestmark = pytest.mark.slow
+
 PREFIX = {"vit": 1, "dinov2_registers": 5, "clip_vision": 1, "siglip_vision": 0, "vit_mae": 1}
 TOLERANCE = 1e-4
 NORMS = {"dinov2_registers": "layernorm", "whisper": "layer_norm",

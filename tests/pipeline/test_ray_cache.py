@@ -18,7 +18,8 @@ from actcache.driver import parse_job, run_job
 from actcache.workers.actor import CachingWorker
 from tests.conftest import SENTENCES
 
-pytestmark = pytest.mark.ray
+# Each test starts Ray and its actors and caches a store: 40-50 s each on two cores.
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 TEXTS = [f"{s} (variant {i})" for i in range(4) for s in SENTENCES]  # 92 rows
 

@@ -97,6 +97,7 @@ def _arrays(group: zarr.Group, prefix: str = "") -> list[tuple[str, zarr.Array]]
     return found
 
 
+@pytest.mark.slow  # four runs of the console script in subprocesses: ~27 s
 def test_query_shows_the_input_and_exports_carry_it_with_ids(edited, tmp_path):
     url, texts = edited
     env = {**os.environ, "ACTCACHE_LOG_DIR": str(tmp_path)}
