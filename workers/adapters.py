@@ -72,20 +72,26 @@ class InputAdapter(Protocol):
     """Sequence positions of the longest example (the manifest's ``max_length``)."""
     padding_side: str
     """The side a batch is padded on; the self-check may switch it."""
-    padding_sides: tuple[str, ...]
-    """Sides this adapter can pad on, the one in use first (the self-check tries them)."""
     prefix: int
     """Leading positions of every example that are not inputs (class and register tokens):
     ``mean`` leaves them out, the manifest records them."""
     defines_first: bool
     """Whether ``first`` pooling names a meaningful position (a text model's first token, a
     vision encoder's class token; not SigLIP's first patch or an audio frame)."""
-    row_extras: tuple[str, ...]
-    """Keys of ``Encoded.extra`` that hold one value per row for the store (an image's
-    patch grid)."""
     batched_processor: bool
     """Whether ``encode`` runs its processor over many inputs in one call, a choice the
     self-check proves exact (or undoes) by encoding each input alone."""
+
+    @property
+    def padding_sides(self) -> tuple[str, ...]:
+        """Sides this adapter can pad on, the one in use first (the self-check tries them)."""
+        ...
+
+    @property
+    def row_extras(self) -> tuple[str, ...]:
+        """Keys of ``Encoded.extra`` that hold one value per row for the store (an image's
+        patch grid)."""
+        ...
 
     @property
     def description(self) -> str:

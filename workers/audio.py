@@ -31,7 +31,7 @@ class AudioAdapter:
     modality = "audio"
     side: str | None = None
     padding_side = "right"
-    padding_sides = ("right",)
+    padding_sides: tuple[str, ...] = ("right",)
     prefix = 0
     # Frames have no class token: `first` would be an arbitrary frame.
     defines_first = False

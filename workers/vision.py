@@ -108,8 +108,8 @@ class ImageAdapter:
     modality = "image"
     side: str | None = None
     padding_side = "right"
-    padding_sides = ("right",)
-    row_extras = ("grid",)
+    padding_sides: tuple[str, ...] = ("right",)
+    row_extras: tuple[str, ...] = ("grid",)
 
     def __init__(
         self,
