@@ -24,6 +24,7 @@ loop, so both ratios are printed: the whole process and the in-process fit.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from actcache.probes.api import train_probes
 from actcache.probes.testing import sklearn_reference
 from actcache.schemas.probe import ProbeConfig
 from actcache.store import Store
-from actcache.workers.devices import native_bf16, pick_device
+from actcache.workers.devices import cpu_flags, native_bf16, pick_device
 
 
 def synthetic_arrays(n: int, hidden: int, layers: int, seed: int = 0
@@ -174,6 +175,70 @@ def out_of_core(args: argparse.Namespace) -> None:
               "(goal <= 0.5)")
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def probe_process(url: str, label: str, split_column: str | None, precision: str
+                  ) -> tuple[float, dict[str, object], float]:
+    """Wall time of one whole ``actcache probe`` process, its precision record (from
+    probes.safetensors' metadata) and its best test accuracy."""
+    import pandas
+    from safetensors import safe_open
+
+    exe = Path(sys.executable).parent / "actcache"
+    cmd = [str(exe) if exe.exists() else (shutil.which("actcache") or "actcache"), "probe",
+           url, "--label", label, "--precision", precision]
+    if split_column:
+        cmd += ["--split-column", split_column]
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        subprocess.run([*cmd, "--out", out], check=True, capture_output=True)
+        wall = time.perf_counter() - start
+        with safe_open(str(Path(out) / "probes.safetensors"), "np") as f:
+            record = json.loads(f.metadata()["precision"])
+        best = float(pandas.read_csv(Path(out) / "metrics.csv")["test_accuracy"].max())
+    return wall, record, best
+
+
+def precision_table(args: argparse.Namespace) -> None:
+    """``auto``, ``fp32`` and ``bf16`` as whole processes, alternating, best of three."""
+    from actcache.testing import synthetic_store
+
+    flags = sorted(cpu_flags() & {"avx2", "avx512_bf16", "amx_bf16"})
+    shown = " ".join(flags) or "none of avx2, avx512_bf16, amx_bf16"
+    print(f"device {pick_device()}; CPU flags {shown}; native bf16: "
+          f"{native_bf16(pick_device())}; torch threads {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        x, y = synthetic_arrays(args.rows, args.hidden, args.layers)
+        synthetic_url = str(Path(tmp) / "synthetic.zarr")
+        synthetic_store(synthetic_url, x, metadata=[{"label": int(v)} for v in y],
+                        rows_per_unit=1024)
+        stores = [(f"synthetic {args.rows:,} rows", synthetic_url, "label", None)]
+        demo = args.store or "runs/cities.zarr"
+        if Path(demo).exists():
+            stores.insert(0, (f"{demo}", demo, args.label, args.split_column or "split"))
+        else:
+            print(f"{demo} not found (build it with `actcache cache examples/cities.yaml`)")
+        for name, url, label, split in stores:
+            walls: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+            records, accuracy = {}, {}
+            for _ in range(3):  # alternating rounds: load on a shared machine hits all three
+                for precision in PRECISIONS:
+                    wall, records[precision], accuracy[precision] = probe_process(
+                        url, label, split, precision)
+                    walls[precision].append(wall)
+            best = {p: min(w) for p, w in walls.items()}
+            faster = min(best["fp32"], best["bf16"])
+            auto = records["auto"]
+            print(f"{name}: auto {best['auto']:.2f} s (chose {auto['chosen']}: {auto['reason']}; "
+                  f"decided in {auto['calibration_ms']:.0f} ms), fp32 {best['fp32']:.2f} s, "
+                  f"bf16 {best['bf16']:.2f} s; auto / faster of fp32 and bf16: "
+                  f"{best['auto'] / faster:.2f}x (goal <= 1.05); auto / fp32 "
+                  f"{best['auto'] / best['fp32']:.2f}x; best test accuracy auto "
+                  f"{accuracy['auto']:.3f}, fp32 {accuracy['fp32']:.3f}, bf16 "
+                  f"{accuracy['bf16']:.3f}; all runs {walls}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", help="a store URL (default: a synthetic in-memory store)")
@@ -184,6 +249,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--out-of-core", action="store_true",
                     help="a store 10x the budget: passes, pass speed, gap to in-memory")
+    ap.add_argument("--precision-table", action="store_true",
+                    help="whole-process auto/fp32/bf16 on the demo and synthetic stores")
     ap.add_argument("--gpu", action="store_true",
                     help="with --out-of-core: the machine's accelerator (CUDA, MPS...), else skip")
     args = ap.parse_args()
@@ -193,6 +260,9 @@ def main() -> None:
     args.layers = args.layers or (3 if big else 7)
     if args.out_of_core:
         out_of_core(args)
+        return
+    if args.precision_table:
+        precision_table(args)
         return
     if args.store:
         from actcache.store import open_store

@@ -63,10 +63,12 @@ class Precision(StrEnum):
     """Compute dtype of the probe matmuls."""
 
     AUTO = "auto"
-    """bfloat16 only where a short calibration at start measures its matmuls at least 1.5x
-    faster than float32 at the run's shapes (never on a CPU that emulates bf16), else fp32."""
+    """bfloat16 only where timing one objective evaluation of the run's own rows in both
+    precisions projects the whole bf16 fit (its float32 finish included) faster than
+    float32's; fp32 on hardware without native bf16 or where the fit is too short to pay."""
     BF16 = "bf16"
-    """bfloat16 autocast with wide master weights, whatever the hardware."""
+    """bfloat16 matmuls with float64 master weights, finished in float32, whatever the
+    hardware."""
     FP32 = "fp32"
     """float32 throughout."""
 

@@ -48,6 +48,7 @@ from actcache.probes._data import (
     hash_unit,
     stream_rows,
 )
+from actcache.probes._precision import BF16_TOL
 from actcache.probes._train import (
     PRECONDITIONER_BYTES,
     LogisticBatch,
@@ -254,14 +255,16 @@ def fit_streamed(source: BlockSource, sample: Sample, data: ProbeData, config: P
             eig = [augmented_eig(fit if i == 0 else fit + val) for fit, val in grams]
             pre[i] = gram_preconditioner(eig, batch.strengths, ns, k, nf)
 
-    # 2. The sample's problem, in the run's precision.
+    # 2. The sample's problem, in the run's precision; bf16 stops at its noise floor, where
+    # line searches would fail, and the float32 polish takes it from there.
     sample.dtype = dtype
+    tol = config.tol if dtype == torch.float32 else max(config.tol, BF16_TOL)
     zeros = torch.zeros((n_l, s, h + 1, k), dtype=torch.float64, device=device)
     theta_sel, it_a = lbfgs(select.objective(sample, "fit", n_full[0]), zeros, config.max_iter,
-                            config.tol, precond=pre[0])
+                            tol, precond=pre[0])
     start = torch.cat([theta_sel] * len(targets), 1)
     theta_ref, it_b = lbfgs(refit.objective(sample, "train", n_full[1]), start,
-                            config.max_iter, config.tol, precond=pre[1])
+                            config.max_iter, tol, precond=pre[1])
 
     # 3. Polish on the whole store: float32 passes, float64 state.
     sample.dtype = torch.float32

@@ -157,6 +157,8 @@ def summary_line(result: ProbeResult, out: Path | None = None) -> str:
     used = ", ".join(f"{probe} in {PRECISION.get(str(probe), result.precision)}"
                      for probe in result.metrics["probe"].unique())
     line += f"); trained on {result.device}: {used}"
+    if result.choice is not None and "logistic" in set(result.metrics["probe"]):
+        line += f" ({result.choice.summary()})"
     return line + (f"; wrote {out}" if out is not None else "")
 
 

@@ -11,14 +11,15 @@ Full-batch L-BFGS rather than SGD: parity with scikit-learn needs the exact opti
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from actcache.probes._data import Block, BlockSource
+from actcache.probes._precision import BF16_TOL
 
 #: Which rows a pass uses: ``fit`` (train minus validation), ``train``, ``val``.
 RowSet = str
@@ -56,7 +57,14 @@ class LogisticBatch:
         n_l, p, h1, k = theta.shape
         w = theta[:, :, :-1, :].permute(0, 2, 1, 3).reshape(n_l, h1 - 1, p * k)
         b = theta[:, :, -1, :].reshape(n_l, 1, p * k)
-        out = torch.bmm(x, w.to(self.dtype)).float() + b.float()
+        if self.dtype == torch.float32:
+            out = torch.bmm(x, w.float()) + b.float()
+        else:
+            # The weights as two bf16 terms: one would round them to 3 digits, making the
+            # objective a staircase in theta on which line searches fail.
+            hi = w.to(self.dtype)
+            lo = (w - hi.to(w.dtype)).to(self.dtype)
+            out = torch.bmm(x, hi).float() + torch.bmm(x, lo).float() + b.float()
         return out.view(n_l, x.shape[1], p, k)
 
     def _labels(self, block: Block, sl: slice) -> torch.Tensor:
@@ -311,3 +319,32 @@ def _armijo(fun: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], x:
         t = torch.where(ok, t, t * 0.5)
     moved = d.abs().amax(-1) > 0
     return x_best, f_best, g_best, ok & moved
+
+
+class CastBlocks:
+    """The blocks of an in-memory source cast once to ``dtype`` (a bf16 copy costs half the
+    float32 blocks, within what ``plan_blocks`` reserves for caching)."""
+
+    def __init__(self, source: Any, dtype: torch.dtype) -> None:
+        self._blocks = [replace(b, x=b.x.to(dtype)) for b in source.blocks(0)]
+
+    def blocks(self, epoch: int = 0) -> Iterator[Block]:
+        yield from self._blocks
+
+
+def solve(batch: LogisticBatch, source: Any, low: Any, rows: RowSet, theta0: torch.Tensor,
+          max_iter: int, tol: float, precond: Precond | None = None
+          ) -> tuple[torch.Tensor, np.ndarray]:
+    """L-BFGS on ``rows`` of ``source`` (float32 blocks) to ``tol``, ``batch`` in float32.
+
+    With ``low`` (the same blocks in bfloat16), the solve runs there first down to
+    ``BF16_TOL`` and float32 finishes it from that point: the problems are convex, so the
+    answer is float32's within ``tol`` whatever precision did most of the way.
+    """
+    start, spent = theta0, np.zeros(theta0.shape[:2], dtype=np.int64)
+    if low is not None:
+        rough = replace(batch, dtype=torch.bfloat16)
+        start, spent = lbfgs(rough.objective(low, rows), theta0, max_iter, max(tol, BF16_TOL),
+                             precond=precond)
+    final, iters = lbfgs(batch.objective(source, rows), start, max_iter, tol, precond=precond)
+    return final, iters + spent

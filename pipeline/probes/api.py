@@ -21,7 +21,6 @@ ridge fitted on a seeded permutation of the targets; ``selectivity`` is then
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from actcache.probes import _closed, _eval, _newton
+from actcache.probes import _closed, _eval, _newton, _precision
 from actcache.probes._data import (
     FIT,
     VAL,
@@ -41,85 +40,20 @@ from actcache.probes._data import (
     plan_blocks,
     prepare,
 )
+from actcache.probes._precision import Choice
 from actcache.probes._train import (
     PRECONDITIONER_BYTES,
+    CastBlocks,
     LogisticBatch,
     augmented_eig,
     gram_preconditioner,
-    lbfgs,
+    solve,
 )
 from actcache.schemas.probe import Precision, ProbeConfig, ProbeKind
 from actcache.workers.devices import pick_device
 
 #: Per layer: (hidden, out) standardised-space weight and (out,) bias.
 ZWeights = list[tuple[np.ndarray, np.ndarray]]
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    if "avx512_bf16" in flags or "amx_bf16" in flags:
-        return True
-    cap = str(torch.backends.cpu.get_cpu_capability()).upper()
-    return "BF16" in cap or "AMX" in cap
-
-
-#: ``auto`` takes bfloat16 only when its matmuls run at least this much faster than
-#: float32 at the run's own shapes: a smaller gain does not pay for the extra fp32 passes
-#: that bring a bf16 solve back to the fp32 optimum.
-BF16_GAIN = 1.5
-
-
-def bf16_speedup(device: torch.device, n_layers: int, hidden: int, cols: int,
-                 rows: int = 512) -> float:
-    """float32 time over bfloat16 time of the probe's two matmuls at the run's shapes.
-
-    A calibration of a few milliseconds at start: the same CPU family can compute bf16
-    natively or emulate it ten times slower, and AVX512-BF16 CPUs were measured slower in
-    bf16 than in float32 at these narrow shapes, so no flag predicts the answer.
-    """
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn((n_layers, rows, hidden), generator=gen).to(device)
-    w = torch.randn((n_layers, hidden, cols), generator=gen).to(device)
-
-    def best(dtype: torch.dtype) -> float:
-        xd, wd = x.to(dtype), w.to(dtype)
-        times = []
-        for _ in range(3):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            z = torch.bmm(xd, wd)
-            torch.bmm(z.transpose(1, 2), xd)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return min(times[1:])
-
-    return best(torch.float32) / max(best(torch.bfloat16), 1e-9)
-
-
-def resolve_precision(precision: Precision, device: torch.device, n_layers: int = 1,
-                      hidden: int = 256, cols: int = 8) -> torch.dtype:
-    """The sample solve's matmul dtype; ``auto`` measures (see ``bf16_speedup``).
-
-    Whatever is chosen, the streamed passes over the whole store and the convergence test
-    they feed run in float32 with float64 state, so bf16 changes speed, not the optimum.
-    """
-    if precision == Precision.FP32:
-        return torch.float32
-    if precision == Precision.BF16:
-        return torch.bfloat16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float32
-    if device.type == "cpu" and not cpu_has_bf16():
-        # Emulated bf16 measured 3-25x slower than float32 at probe shapes (AVX2 CPU).
-        return torch.float32
-    gain = bf16_speedup(device, n_layers, hidden, cols)
-    return torch.bfloat16 if gain >= BF16_GAIN else torch.float32
 
 
 @dataclass(frozen=True)
@@ -140,6 +74,8 @@ class ProbeResult:
     """``classification`` or ``regression``, as resolved from the config and the labels."""
     passes: float = 1.0
     """Rows × layers read from the store over the run, in full passes over its used rows."""
+    choice: Choice | None = None
+    """How ``precision`` was decided, with the measured figures (``_precision``)."""
 
     @property
     def score_column(self) -> str:
@@ -158,7 +94,9 @@ def _logistic(source: BlockSource, data: ProbeData, config: ProbeConfig, device:
     k = 1 if data.n_classes == 2 else data.n_classes
     grid = torch.tensor(config.strengths, dtype=torch.float64, device=device)
     select = LogisticBatch(n_l, h, k, grid.expand(n_l, -1).clone(), [data.y] * len(grid),
-                           device, dtype)
+                           device, torch.float32)
+    # The blocks are float32; a bf16 solve works on a bf16 copy, finished in float32.
+    low = CastBlocks(source, dtype) if dtype != torch.float32 else None
     theta0 = torch.zeros((n_l, len(grid), h + 1, k), dtype=torch.float64, device=device)
     grams = _grams(source, data)
     pre_a = pre_b = None
@@ -167,21 +105,19 @@ def _logistic(source: BlockSource, data: ProbeData, config: ProbeConfig, device:
         eig_a = [augmented_eig(f) for f, _ in grams]
         pre_a = gram_preconditioner(eig_a, select.strengths, n_fit, k)
         eig_b = [augmented_eig(f + v) for f, v in grams]
-    theta, it_a = lbfgs(select.objective(source, "fit"), theta0, config.max_iter, config.tol,
-                        precond=pre_a)
+    theta, it_a = solve(select, source, low, "fit", theta0, config.max_iter, config.tol, pre_a)
     acc, loss = select.evaluate(source, theta, "val")
     best = [int(np.lexsort((loss[i], -acc[i]))[0]) for i in range(n_l)]
     chosen = [float(config.strengths[b]) for b in best]
     targets = [data.y, data.control] if config.control else [data.y]
     strengths = torch.tensor(chosen, dtype=torch.float64, device=device)
     refit = LogisticBatch(n_l, h, k, strengths[:, None].expand(-1, len(targets)).clone(),
-                          targets, device, dtype)
+                          targets, device, torch.float32)
     start = torch.zeros((n_l, len(targets), h + 1, k), dtype=torch.float64, device=device)
     start[:, 0] = theta[torch.arange(n_l, device=device), torch.tensor(best, device=device)]
     if grams is not None:
         pre_b = gram_preconditioner(eig_b, refit.strengths, n_train, k)
-    final, it_b = lbfgs(refit.objective(source, "train"), start, config.max_iter, config.tol,
-                        precond=pre_b)
+    final, it_b = solve(refit, source, low, "train", start, config.max_iter, config.tol, pre_b)
     out = final.cpu().numpy()
     per_task = [[(out[i, t, :-1, :], out[i, t, -1, :]) for i in range(n_l)]
                 for t in range(len(targets))]
@@ -245,16 +181,17 @@ def _train_probes(store: Any, config: ProbeConfig) -> ProbeResult:
     data = prepare(store, config)
     device = pick_device()
     cols = max(len(config.strengths), 2) * data.n_targets * 2
-    dtype = resolve_precision(config.precision, device, len(data.layers), data.hidden, cols)
+    decider = _Decider(config, device)
     block_rows, cache = plan_blocks(store, data, config.max_memory, cols)
     reads = Reads()
     if cache:
         source = BlockSource(store, data, block_rows, True, config.seed, reads)
-        mom, fitted, iterations = _fit_group(source, data, config, device, dtype)
+        mom, fitted, iterations = _fit_group(source, data, config, device, decider)
     else:
         # Streamed blocks would otherwise pile up in glibc's heaps (see bound_allocator).
         bound_allocator()
-        mom, fitted, iterations = _fit_streamed(store, data, config, device, dtype, cols, reads)
+        mom, fitted, iterations = _fit_streamed(store, data, config, device, decider, cols,
+                                                reads)
         source = BlockSource(store, data, block_rows, False, config.seed, reads)
         source.set_transform(_standardiser(mom, device, torch.float32))
     segments, weights, bias = _stack(fitted, data, device, config.control)
@@ -263,9 +200,56 @@ def _train_probes(store: Any, config: ProbeConfig) -> ProbeResult:
     if not data.regression:
         metrics = _eval.with_intervals(metrics, segments, config.seed)
     tensors, meta = _tensors(fitted, data, mom, store, config)
-    return ProbeResult(metrics, tensors, meta, data.classes, str(device),
-                       "bf16" if dtype == torch.bfloat16 else "fp32", iterations, meta["task"],
-                       round(reads.passes(data, len(data.layers)), 2))
+    choice = decider.final()
+    meta["precision"] = choice.metadata()
+    return ProbeResult(metrics, tensors, meta, data.classes, str(device), choice.name,
+                       iterations, meta["task"], round(reads.passes(data, len(data.layers)), 2),
+                       choice)
+
+
+#: Rows the precision is timed on: enough for a step to be arithmetic, not overhead.
+CALIBRATION_ROWS = 1024
+
+
+class _Decider:
+    """The run's precision for its logistic fits, decided once (``_precision.choose``) on
+    the first standardised rows the fits will see: the in-memory blocks, or the first
+    layer's sample when streaming."""
+
+    def __init__(self, config: ProbeConfig, device: torch.device) -> None:
+        self.config, self.device = config, device
+        self.choice: Choice | None = None
+
+    def dtype(self, blocks: Any, data: ProbeData, n_rows: int) -> torch.dtype:
+        """``blocks`` hold ``n_rows`` train rows, standardised, float32."""
+        if self.choice is None:
+            self.choice = self._choose(blocks, data, n_rows)
+        return self.choice.dtype
+
+    def final(self) -> Choice:
+        return self.choice or _precision.fixed(self.config.precision, "no iterative probe")
+
+    def _choose(self, blocks: Any, data: ProbeData, n_rows: int) -> Choice:
+        block = next((b for b in blocks.blocks(0) if b.n_train), None)
+        if self.config.precision != Precision.AUTO or block is None:
+            return _precision.fixed(self.config.precision)
+        m = min(block.n_train, CALIBRATION_ROWS)
+        part = replace(block, rows=block.rows[:m], n_fit=m, n_val=0, n_test=0)
+        x = {torch.float32: block.x[:, :m].contiguous()}
+        x[torch.bfloat16] = x[torch.float32].to(torch.bfloat16)
+        n_l, h, k = len(data.layers), data.hidden, 1 if data.n_classes == 2 else data.n_classes
+        grid = torch.tensor(self.config.strengths, dtype=torch.float64, device=self.device)
+        batch = LogisticBatch(n_l, h, k, grid.expand(n_l, -1).clone(), [data.y] * len(grid),
+                              self.device, torch.float32)
+        theta = torch.zeros((n_l, len(grid), h + 1, k), dtype=torch.float64, device=self.device)
+
+        def step(dtype: torch.dtype) -> None:
+            # One evaluation of the select problems' objective and gradient, as a fit runs it.
+            f = torch.zeros(theta.shape[:2], dtype=torch.float64, device=self.device)
+            replace(batch, dtype=dtype).accumulate(replace(part, x=x[dtype]), theta, "fit", f,
+                                                   torch.zeros_like(theta))
+
+        return _precision.choose(self.config.precision, self.device, step, n_rows / m)
 
 
 Fitted = dict[str, tuple[list[float] | None, list[ZWeights]]]
@@ -283,25 +267,27 @@ def _standardiser(mom: _closed.Moments, device: torch.device, dtype: torch.dtype
 
 
 def _fit_group(source: BlockSource, data: ProbeData, config: ProbeConfig, device: torch.device,
-               dtype: torch.dtype, sample: _newton.Sample | None = None
+               decider: _Decider, sample: _newton.Sample | None = None
                ) -> tuple[_closed.Moments, Fitted, dict[str, int]]:
     """Every probe on the layers of ``source``: full-batch when ``sample`` is None (the
     rows are in memory), else solved on the sample and polished on the store."""
     mom = _closed.moments(source, data, tap=sample.take if sample is not None else None)
-    # Ridge reads the raw blocks (float64 Gram matrices), before they are standardised in
-    # the training precision for the iterative probes.
+    # Ridge reads the raw blocks (float64 Gram matrices), before they are standardised for
+    # the iterative probes (float32: a bf16 solve is finished in float32).
     ridge = _ridge(source, data, config, mom) if ProbeKind.RIDGE in config.probes else None
-    source.set_transform(_standardiser(mom, device, dtype if sample is None else torch.float32))
+    source.set_transform(_standardiser(mom, device, torch.float32))
     fitted: Fitted = {}
     iterations: dict[str, int] = {}
     for kind in config.probes:
         if kind == ProbeKind.RIDGE and ridge is not None:
             fitted[kind.value] = ridge
         elif kind == ProbeKind.LOGISTIC and sample is None:
+            dtype = decider.dtype(source, data, data.count(FIT, VAL))
             chosen, tasks, iterations = _logistic(source, data, config, device, dtype)
             fitted[kind.value] = (chosen, tasks)
         elif kind == ProbeKind.LOGISTIC and sample is not None:
             sample.standardise(mom.mean, mom.std, device)
+            dtype = decider.dtype(sample, data, len(sample.rows))
             chosen, tasks, iterations = _newton.fit_streamed(source, sample, data, config,
                                                              device, dtype)
             fitted[kind.value] = (chosen, tasks)
@@ -311,7 +297,7 @@ def _fit_group(source: BlockSource, data: ProbeData, config: ProbeConfig, device
 
 
 def _fit_streamed(store: Any, data: ProbeData, config: ProbeConfig, device: torch.device,
-                  dtype: torch.dtype, cols: int, reads: Reads
+                  decider: _Decider, cols: int, reads: Reads
                   ) -> tuple[_closed.Moments, Fitted, dict[str, int]]:
     """Layer by layer, so the whole budget holds one layer's sample (see ``_newton``)."""
     parts = []
@@ -323,7 +309,7 @@ def _fit_streamed(store: Any, data: ProbeData, config: ProbeConfig, device: torc
         if ProbeKind.LOGISTIC in config.probes and not data.regression:
             rows = _newton.sample_rows(one, store.ids, capacity, config.seed)
             sample = _newton.Sample(one, rows, str(getattr(store, "dtype", "float32")), work)
-        parts.append(_fit_group(source, one, config, device, dtype, sample))
+        parts.append(_fit_group(source, one, config, device, decider, sample))
     mom = _closed.Moments(np.concatenate([m.mean for m, _, _ in parts]),
                           np.concatenate([m.std for m, _, _ in parts]),
                           np.concatenate([m.class_means for m, _, _ in parts], axis=1))

@@ -97,7 +97,8 @@ def probe_command(
     max_memory: Annotated[str | None, typer.Option(
         help="Memory budget for activation blocks, e.g. 512MB.")] = None,
     precision: Annotated[Precision | None, typer.Option(
-        help="auto: bf16 only where measured 1.5x faster than fp32 at start.")] = None,
+        help="auto: bf16 only where a timed step projects the whole fit faster than fp32.")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seeds control labels and splits.")] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for metrics, probes and plot.")] = None,
 ) -> None:

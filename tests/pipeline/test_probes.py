@@ -273,21 +273,3 @@ def test_incomplete_store(tmp_path, binary_store):
     shutil.rmtree(tmp_path / "store.zarr" / "units" / "00000001")
     _bad(open_store(url), f"store {url} is incomplete: some units are not cached yet; finish "
          "it with `actcache cache JOB.yaml`, then rerun `actcache probe`", StoreIncompleteError)
-
-
-def test_auto_precision_takes_bf16_only_when_measured_faster(monkeypatch):
-    import torch
-
-    from actcache.probes import api
-    from actcache.schemas.probe import Precision
-
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(api, "cpu_has_bf16", lambda: True)
-    monkeypatch.setattr(api, "bf16_speedup", lambda *a, **k: 1.2)
-    assert api.resolve_precision(Precision.AUTO, cpu) == torch.float32
-    monkeypatch.setattr(api, "bf16_speedup", lambda *a, **k: 2.0)
-    assert api.resolve_precision(Precision.AUTO, cpu) == torch.bfloat16
-    assert api.resolve_precision(Precision.FP32, cpu) == torch.float32
-    monkeypatch.setattr(api, "cpu_has_bf16", lambda: False)
-    assert api.resolve_precision(Precision.AUTO, cpu) == torch.float32
-    assert api.resolve_precision(Precision.BF16, cpu) == torch.bfloat16
