@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs import Crc32cCodec
 
 from actcache.schemas import store as layout
 from actcache.schemas.errors import StoreMismatchError

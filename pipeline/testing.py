@@ -128,7 +128,7 @@ def _shape(
     token = [next(iter(shapes[p])) for p in poolings if p == "tokens"]
     if token_lengths is not None and token and int(np.sum(token_lengths)) != token[0][0]:
         raise ConfigError("token values must have sum(token_lengths) rows")
-    n = pooled[0][0] if pooled else len(token_lengths or ())
+    n = pooled[0][0] if pooled else len(token_lengths if token_lengths is not None else ())
     widths = {s[1] for s in pooled + token}
     if len(widths) != 1 or any(s[0] != n for s in pooled):
         raise ConfigError(f"every array needs {n} rows and one hidden width: {shapes}")

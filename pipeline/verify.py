@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from actcache.create import row_array_keys
-from actcache.schemas import store as layout
 from actcache.read import corrupt_message
+from actcache.schemas import store as layout
 from actcache.schemas.errors import StoreCorruptError
 from actcache.store import Store
 from actcache.workers.storage import filesystem
