@@ -27,7 +27,11 @@ RowsLike = Sequence[int] | np.ndarray | None
 def read_units(group: Any) -> list[layout.UnitReceipt]:
     """Receipts of every complete unit, by unit index."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # narrowed below by the unit listing's warning
+        # A folder under units/ without its zarr.json (a marker being written, a writer
+        # that crashed) is not a complete unit: zarr warns and skips it, which is right.
+        warnings.filterwarnings(
+            "ignore", message=r"Object at \S+ is not recognized as a component of a Zarr",
+            category=UserWarning)
         units = group[layout.UNITS_GROUP]
         receipts = [
             layout.UnitReceipt.model_validate(dict(arr.attrs))
