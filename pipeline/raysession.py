@@ -1,7 +1,8 @@
 """The Ray session of a caching run: join the cluster this runs in, or start and stop a local one.
 
-Everything that knows Ray's session (its address rules, where its logs are) is here, so
-the driver only asks for "a session for this run" and an in-process run never imports Ray.
+Everything that knows Ray's session (its address rules, where its logs are) is here,
+through Ray's public API only, so the driver asks for "a session for this run" and an
+in-process run never imports Ray.
 """
 
 from __future__ import annotations
@@ -55,14 +56,13 @@ def ray_session(run_id: str) -> Iterator[None]:
 
 
 def session_dir() -> str:
-    """The folder of this Ray session's logs.
+    """The folder of this Ray session (its ``logs`` hold the actors' output).
 
-    Ray has no public call for it; its private node object is read, and "(unknown)" said
-    where a Ray version no longer has it, since it only goes into the run's log.
+    Ray's public runtime context names the node's temp folder and the session; the
+    session's folder is the one inside the other (as Ray lays it out), on the node where
+    this driver runs.
     """
-    try:
-        from ray._private import worker
-    except ImportError:
-        return "(unknown)"
-    node = getattr(worker, "_global_node", None)
-    return str(node.get_session_dir_path()) if node is not None else "(unknown)"
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return os.path.join(ctx.get_temp_dir(), ctx.get_session_name())
