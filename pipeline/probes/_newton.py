@@ -88,7 +88,7 @@ def plan_stream(store: Any, data: ProbeData, budget: int, cols: int) -> tuple[in
     work = min(rows, MIN_BLOCK_ROWS)
     streamed = rows * (PREFETCH * row_x + 2 * hidden * 4 + row_work)
     spare = budget - streamed - work * (row_x + row_work)
-    per_row = Sample.row_bytes(n_layers, hidden, str(getattr(store, "dtype", "float32")))
+    per_row = Sample.row_bytes(n_layers, hidden, store.dtype)
     return rows, max(2 * data.n_classes, spare // per_row), work
 
 
