@@ -155,10 +155,10 @@ def summary_line(result: ProbeResult, out: Path | None = None) -> str:
     if not np.isnan(best["selectivity"]):
         line += f", selectivity {best['selectivity']:.3f}"
     used = ", ".join(f"{probe} in {PRECISION.get(str(probe), result.precision)}"
+                     + (f" ({result.choice.summary()})" if probe == "logistic"
+                        and result.choice is not None else "")
                      for probe in result.metrics["probe"].unique())
     line += f"); trained on {result.device}: {used}"
-    if result.choice is not None and "logistic" in set(result.metrics["probe"]):
-        line += f" ({result.choice.summary()})"
     return line + (f"; wrote {out}" if out is not None else "")
 
 

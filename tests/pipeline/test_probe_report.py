@@ -91,8 +91,9 @@ def test_large_test_sets_use_the_normal_intervals_which_agree(monkeypatch):
 
 def test_summary_names_each_probes_precision(result):
     line = summary_line(result)
-    assert line.endswith(f"trained on cpu: logistic in {result.precision}, ridge in float64, "
-                         "mean-diff in float64")
+    assert line.endswith(f"trained on cpu: logistic in {result.precision} "
+                         f"({result.choice.summary()}), ridge in float64, mean-diff in float64")
+    assert result.choice.summary().startswith("auto: ")
 
 
 def test_plot_has_chance_bands_title_and_embeddings(result):
