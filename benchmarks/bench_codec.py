@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from actcache.workers.dtypes import encode
+
 CANDIDATES = {
     "none": lambda: None,
     "zstd-3": lambda: zarr.codecs.ZstdCodec(level=3),
@@ -75,12 +77,7 @@ def main() -> None:
     parser.add_argument("--store", default="runs/cities.zarr")
     args = parser.parse_args()
     x = activations(args.store).astype(np.float32)
-    import torch
-
-    kinds = {
-        "float16": x.astype(np.float16),
-        "bfloat16": torch.from_numpy(x).bfloat16().view(torch.int16).numpy().view(np.uint16),
-    }
+    kinds = {dtype: encode(x, dtype) for dtype in ("float16", "bfloat16")}
     with tempfile.TemporaryDirectory() as tmp:
         for kind, values in kinds.items():
             base: tuple[float, float] | None = None

@@ -40,6 +40,7 @@ from actcache.probes.testing import sklearn_reference
 from actcache.schemas.probe import ProbeConfig
 from actcache.store import Store
 from actcache.workers.devices import cpu_flags, native_bf16, pick_device
+from actcache.workers.dtypes import stored_dtype
 
 
 def synthetic_arrays(n: int, hidden: int, layers: int, seed: int = 0
@@ -98,7 +99,7 @@ def write_store(folder: str, rows: int, hidden: int, layers: int) -> str:
 def raw_pass(url: str, store: object) -> tuple[float, int]:
     """Seconds to read every activation chunk file's bytes and widen them with numpy's own
     cast (the issue's baseline; the store pass widens through torch, which is faster)."""
-    native = np.uint16 if store.dtype == "bfloat16" else np.dtype(store.dtype)
+    native = stored_dtype(store.dtype)
     files = [p for layer in store.layers
              for p in (Path(url) / "mean" / f"layer_{layer}" / "c").rglob("*") if p.is_file()]
     start, total = time.perf_counter(), 0

@@ -14,6 +14,7 @@ from actcache.schemas import store as layout
 from actcache.schemas.errors import StoreMismatchError
 from actcache.schemas.job import SHAPING_FIELDS, JobConfig
 from actcache.schemas.store import Manifest
+from actcache.workers.dtypes import stored_dtype
 
 # Measured by benchmarks/bench_codec.py (figures and the reasoning in docs/STORE.md): a
 # store is written once and read many times (every probe pass, query, loader epoch), and
@@ -85,7 +86,7 @@ def create_store(group: Any, manifest: Manifest) -> None:
             key.split("/", 1)[1], shape=(0,), chunks=(chunk,), shards=(rpu,),
             dimension_names=(layout.ROW_DIM,), **opts
         )
-    np_dtype = "uint16" if manifest.dtype == "bfloat16" else manifest.dtype
+    np_dtype = stored_dtype(manifest.dtype)
     attrs = {layout.DTYPE_ATTR: manifest.dtype}
     for pooling in manifest.poolings:
         pgroup = group.require_group(pooling)

@@ -11,6 +11,7 @@ from actcache.plan import Plan
 from actcache.schemas.errors import ConfigError
 from actcache.schemas.job import JobConfig
 from actcache.schemas.store import Manifest
+from actcache.workers.dtypes import ITEMSIZE
 from actcache.workers.model import depth_needed, model_folder
 
 
@@ -65,7 +66,7 @@ def check_one_worker(job: JobConfig) -> None:
 
 def estimate_bytes(manifest: Manifest, plan: Plan, adapter: Any) -> int:
     """Bytes the plan's units will write, uncompressed (tokens counted by the adapter)."""
-    width = manifest.model.hidden_size * (4 if manifest.dtype == "float32" else 2)
+    width = manifest.model.hidden_size * ITEMSIZE[manifest.dtype]
     per_row = width * len(manifest.layers)
     pooled = sum(1 for p in manifest.poolings if p != "tokens")
     total = plan.pending_rows * per_row * pooled

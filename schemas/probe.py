@@ -11,8 +11,9 @@ import re
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from actcache.schemas._base import Frozen
 from actcache.schemas._fields import layers_value, names_value
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -75,10 +76,6 @@ class Precision(StrEnum):
 
 def _default_strengths() -> tuple[float, ...]:
     return tuple(float(10.0**e) for e in range(-4, 3))
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
 
 
 class ProbeConfig(Frozen):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from actcache.schemas._base import Frozen
 
 FORMAT_VERSION = 3
 """Bumped with any change of layout. 2: crc32c checksums on activation chunks;
@@ -53,9 +55,15 @@ def activation_key(pooling: str, layer: int) -> str:
     return f"{pooling}/layer_{layer}"
 
 
+def unit_name(unit: int) -> str:
+    """``unit`` zero-padded: the name of its commit marker and of its packed token arrays,
+    so that a folder listing sorts in unit order."""
+    return f"{unit:08d}"
+
+
 def unit_key(unit: int) -> str:
     """The commit marker of ``unit``: a zero-length array whose attributes are its receipt."""
-    return f"{UNITS_GROUP}/{unit:08d}"
+    return f"{UNITS_GROUP}/{unit_name(unit)}"
 
 
 def token_slots_per_unit(rows_per_unit: int, max_length: int) -> int:
@@ -67,7 +75,7 @@ def token_slots_per_unit(rows_per_unit: int, max_length: int) -> int:
 def token_unit_key(layer: int, unit: int) -> str:
     """Format 3: the array holding exactly the tokens of ``unit`` for ``layer``, rows in
     slot order, each row's tokens contiguous (``rows/token_offset`` counts from 0 here)."""
-    return f"{activation_key('tokens', layer)}/{unit:08d}"
+    return f"{activation_key('tokens', layer)}/{unit_name(unit)}"
 
 
 MAX_TOKEN_CHUNK = 4096
@@ -87,10 +95,6 @@ def token_chunks(n_tokens: int, limit: int = MAX_TOKEN_CHUNK) -> tuple[int, int]
 def packed_tokens(manifest: dict[str, Any]) -> bool:
     """Whether the store keeps one packed token array per unit (format 3 on)."""
     return int(manifest.get("format_version", 1)) >= PACKED_TOKENS_FORMAT
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class ModelInfo(Frozen):

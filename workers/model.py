@@ -268,17 +268,17 @@ def load_model(
     Weights past block ``depth`` are neither read nor held. Without ``gpus`` it lives on
     the CPU; with them it is placed by ``device_map`` over those GPUs (see placement.py).
     """
-    import torch
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     from actcache.workers import placement
+    from actcache.workers.dtypes import torch_dtype
 
     revision, trust = job.get("revision"), bool(job.get("trust_remote_code"))
     config = load_config(name, revision, trust)
     if depth is not None:
         config = cut_config(config, depth)
-    dtype = getattr(torch, resolve_model_dtype(name, revision, trust, job.get("model_dtype", "auto")))
+    dtype = torch_dtype(resolve_model_dtype(name, revision, trust, job.get("model_dtype", "auto")))
     kwargs = placement.load_kwargs(name, config, dtype, job, list(gpus))
     # The run reports its own progress; a weight-loading bar per worker is noise.
     hf_logging.disable_progress_bar()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from actcache.schemas.errors import ModelLoadError, ModelTooLargeError
+from actcache.workers.dtypes import ITEMSIZE
 
 #: Left free on each GPU for activations, the CUDA context and the allocator's slack:
 #: this fraction of the GPU's memory, and at least HEADROOM_MIN_BYTES.
@@ -22,7 +23,6 @@ HEADROOM_MIN_BYTES = 1 << 30
 #: Bytes per weight once quantised (bitsandbytes keeps norms and embeddings wider: an
 #: estimate that errs towards "fits", the actor's own placement check is exact).
 QUANTIZED_BYTES = {"8bit": 1.0, "4bit": 0.5}
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 #: The first numeric part of a weight's name is its block (``model.layers.7.mlp``,
 #: ``h.7.attn``, ``encoder.layer.7.output``).
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)\.")
@@ -143,7 +143,7 @@ def checkpoint_dtype(config: Any, folder: str) -> str:
     # transformers 5 reads a config.json's `torch_dtype` into `dtype` (the old name warns).
     value = getattr(config, "dtype", None)
     name = str(value).removeprefix("torch.") if value is not None else ""
-    if name in _DTYPE_BYTES:
+    if name in ITEMSIZE:
         return name
     from safetensors import safe_open
 
@@ -165,7 +165,7 @@ def weight_bytes(folder: str, depth: int, n_layers: int, dtype: str, quantize: s
     Read from the safetensors headers (names and shapes, no weights); for other formats
     the file sizes, scaled by the share of blocks kept.
     """
-    per_weight = QUANTIZED_BYTES[quantize] if quantize else _DTYPE_BYTES.get(dtype, 4)
+    per_weight = QUANTIZED_BYTES[quantize] if quantize else ITEMSIZE.get(dtype, 4)
     files = weight_files(folder)
     if files and files[0].suffix == ".safetensors":
         from safetensors import safe_open
@@ -184,4 +184,4 @@ def weight_bytes(folder: str, depth: int, n_layers: int, dtype: str, quantize: s
         return int(count * per_weight)
     size = sum(p.stat().st_size for p in files)
     # A .bin checkpoint's own dtype is unknown without loading it: take the model's.
-    return int(size * min(1.0, depth / max(n_layers, 1)) * per_weight / _DTYPE_BYTES.get(dtype, 4))
+    return int(size * min(1.0, depth / max(n_layers, 1)) * per_weight / ITEMSIZE.get(dtype, 4))

@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import zarr
-
 # Credentials and endpoints an actor needs to reach the same object store as the driver.
 # They travel in the actor's environment only, never into the store.
 STORAGE_ENV_VARS = (
@@ -39,6 +37,7 @@ def storage_env() -> dict[str, str]:
 
 
 def is_local(url: str) -> bool:
+    """Whether ``url`` is a path on this machine (no scheme, or ``file://``)."""
     return "://" not in url or url.startswith("file://")
 
 
@@ -68,6 +67,9 @@ def with_retries(url: str, storage_options: dict[str, Any] | None) -> dict[str, 
 
 
 def open_group(url: str, mode: str = "r", storage_options: dict[str, Any] | None = None) -> Any:
+    # zarr on first use: the CLI's job checks (``is_local``) run before any store is opened.
+    import zarr
+
     if is_local(url):
         return zarr.open_group(local_path(url), mode=mode, zarr_format=3)  # type: ignore[arg-type]
     options = with_retries(url, storage_options)

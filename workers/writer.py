@@ -19,24 +19,9 @@ import torch
 from actcache.schemas import store as layout
 from actcache.schemas.errors import OverflowStorageError
 from actcache.schemas.store import UnitReceipt, UnitTask
+from actcache.workers.dtypes import encode, stored_dtype
 
 FLOAT16_MAX = 65504.0
-
-_NUMPY_DTYPE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
-
-
-def storage_numpy_dtype(dtype: str) -> Any:
-    return _NUMPY_DTYPE[dtype]
-
-
-def bfloat16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 → bfloat16 bits (uint16), rounding to nearest even; NaN stays NaN."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():
-        rounded[nan] = 0x7FC0
-    return rounded
 
 
 def to_storage(x: torch.Tensor, dtype: str, layer: int) -> np.ndarray:
@@ -46,18 +31,14 @@ def to_storage(x: torch.Tensor, dtype: str, layer: int) -> np.ndarray:
     torch op here would start a second intra-op thread team competing for the same cores.
     """
     values = x.detach().to("cpu", torch.float32).numpy()
-    if dtype == "float32":
-        return values
-    if dtype == "bfloat16":
-        return bfloat16_bits(values)
-    if values.size:
+    if dtype == "float16" and values.size:
         peak = float(np.max(np.abs(values)))
         if peak > FLOAT16_MAX:
             raise OverflowStorageError(
                 f"layer {layer} has values up to {peak:.4g}, beyond float16's ±65504; "
                 "set `dtype: bfloat16` or `dtype: float32` in the job"
             )
-    return values.astype(np.float16)
+    return encode(values, dtype)
 
 
 class UnitWriter:
@@ -93,7 +74,7 @@ class UnitWriter:
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
         total = int(self.lengths.sum())
-        np_dtype = storage_numpy_dtype(self.dtype)
+        np_dtype = stored_dtype(self.dtype)
         self.buffers: dict[tuple[str, int], np.ndarray] = {}
         for pooling in self.manifest["poolings"]:
             for layer in self.manifest["layers"]:
@@ -175,7 +156,7 @@ class UnitWriter:
             attributes={layout.DTYPE_ATTR: self.dtype},
             # One dimension name per unit: the arrays differ in length, and xarray refuses
             # one name with several sizes in a group.
-            dimension_names=(f"token_{self.task.unit:08d}", "hidden"), overwrite=True,
+            dimension_names=(f"token_{layout.unit_name(self.task.unit)}", "hidden"), overwrite=True,
             config={"write_empty_chunks": True},
         )
         arr[:] = buffer
@@ -188,7 +169,7 @@ def commit(group: Any, receipt: UnitReceipt) -> None:
     """Mark a unit complete: the marker is written after every byte of the unit."""
     units = group[layout.UNITS_GROUP]
     units.create_array(
-        name=f"{receipt.unit:08d}",
+        name=layout.unit_name(receipt.unit),
         shape=(0,),
         dtype="uint8",
         attributes=json.loads(receipt.model_dump_json()),

@@ -42,6 +42,7 @@ import yaml
 
 from actcache.schemas.errors import ConfigError, JobSubmissionError
 from actcache.schemas.job import JobConfig
+from actcache.workers.storage import is_local
 
 JOB_FILE = "job.yaml"
 ENTRYPOINT = f"python -m actcache.cli cache {JOB_FILE}"
@@ -122,7 +123,7 @@ def is_loopback(url: str) -> bool:
 
 def local_paths(job: JobConfig) -> list[str]:
     """The job's paths that only this machine may see (no URL scheme)."""
-    return [v for v in (job.inputs, job.store) if "://" not in v or v.startswith("file://")]
+    return [v for v in (job.inputs, job.store) if is_local(v)]
 
 
 def package_copy(dest: Path) -> Path:

@@ -59,6 +59,7 @@ from actcache.probes._train import (
     lbfgs,
 )
 from actcache.schemas.probe import ProbeConfig
+from actcache.workers.dtypes import torch_dtype
 
 #: Cap on polish passes per layer group: a safeguard, runs stop at ``tol`` well before.
 MAX_POLISH_PASSES = 16
@@ -69,7 +70,6 @@ CG_ITERATIONS, CG_RTOL = 60, 1e-3
 HISTORY = 8
 
 ZWeights = list[tuple[np.ndarray, np.ndarray]]
-_NATIVE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def plan_stream(store: Any, data: ProbeData, budget: int, cols: int) -> tuple[int, int, int]:
@@ -116,7 +116,7 @@ class Sample:
         self.chunk_rows = chunk_rows
         self.n_fit = int((data.role[rows] == FIT).sum())
         self.x = torch.empty((len(data.layers), len(rows), data.hidden),
-                             dtype=_NATIVE.get(store_dtype, torch.float32))
+                             dtype=torch_dtype(store_dtype))
         self._where = np.full(len(data.role), -1, dtype=np.int64)
         self._where[rows] = np.arange(len(rows))
         self._mean = self._std = torch.zeros(0)

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from actcache.schemas.errors import ConfigError
+from actcache.workers.dtypes import encode
 
 if TYPE_CHECKING:
     from actcache.store import Store
@@ -35,16 +36,6 @@ if TYPE_CHECKING:
 FORMATS = (".npy", ".npz", ".parquet")
 DTYPES = ("float32", "stored")
 RESERVED = ("id", "token", "score", "input", "activation")
-
-
-def encode(x: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 values read from a store, back in the store's dtype (exact)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if dtype == "float16":
-        return x.astype(np.float16)
-    if dtype == "bfloat16":
-        return (x.view(np.uint32) >> 16).astype(np.uint16)
-    return x
 
 
 def check_target(path: Path, dtype: str) -> None:

@@ -1,4 +1,4 @@
-"""Casting to the storage dtype on the writer thread."""
+"""Casting to the storage dtype on the writer thread, and back for exports."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from actcache.schemas.errors import OverflowStorageError
-from actcache.workers.writer import bfloat16_bits, to_storage
+from actcache.workers.dtypes import bfloat16_bits, encode, stored_dtype
+from actcache.workers.writer import to_storage
 
 
 def test_bfloat16_bits_equal_torch_rounding():
@@ -18,6 +19,17 @@ def test_bfloat16_bits_equal_torch_rounding():
     assert np.array_equal(bfloat16_bits(x), want)
     assert np.isnan((bfloat16_bits(np.array([np.nan], np.float32)).astype(np.uint32) << 16)
                     .view(np.float32)).all()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_values_read_back_encode_to_their_stored_bits(dtype):
+    """An export in the stored dtype gives the store's own bytes back."""
+    x = np.random.default_rng(1).standard_normal((5, 7)).astype(np.float32)
+    stored = to_storage(torch.from_numpy(x), dtype, 0)
+    assert stored.dtype == stored_dtype(dtype)
+    read = torch.from_numpy(stored).view(torch.bfloat16) if dtype == "bfloat16" else \
+        torch.from_numpy(stored)
+    assert encode(read.float().numpy(), dtype).tobytes() == stored.tobytes()
 
 
 @pytest.mark.parametrize(("value", "ok"), [(65504.0, True), (-65504.0, True), (65520.0, False),

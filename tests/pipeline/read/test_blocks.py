@@ -221,7 +221,7 @@ def test_xarray_and_tensorstore_open_a_packed_token_store(tmp_path: Path) -> Non
     starts = np.concatenate([[0], np.cumsum(per_unit)])
     group = xr.open_zarr(url, group="tokens/layer_3", consolidated=False)
     for unit in range(len(store.receipts)):
-        name = f"{unit:08d}"
+        name = layout.unit_name(unit)
         want = t[3][starts[unit]:starts[unit + 1]]
         assert group[name].dims == (f"token_{name}", "hidden")
         np.testing.assert_array_equal(group[name].values, want)
