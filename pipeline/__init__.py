@@ -17,13 +17,15 @@ _LAZY = {
     "run_job": "actcache.driver",
     "load_job": "actcache.driver",
     "train_probes": "actcache.probes",
+    "TokenLoader": "actcache.loader",
 }
 
 if TYPE_CHECKING:
     from actcache.driver import load_job, run_job
+    from actcache.loader import TokenLoader
     from actcache.store import Store, open_store
 
-__all__ = ["Store", "__version__", "load_job", "open_store", "run_job", "train_probes"]
+__all__ = ["Store", "TokenLoader", "__version__", "load_job", "open_store", "run_job", "train_probes"]
 
 
 def __getattr__(name: str) -> Any:
