@@ -35,6 +35,7 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_cache.py
+	$(BIN)/python benchmarks/bench_startup.py
 	$(BIN)/python benchmarks/bench_codec.py
 
 clean:
