@@ -118,19 +118,20 @@ def create_store(group: Any, manifest: Manifest) -> None:
     group.attrs.update({layout.MANIFEST_ATTR: manifest.model_dump(mode="json"), layout.RUNS_ATTR: []})
 
 
-def row_array_keys(manifest: dict[str, Any]) -> list[str]:
+def row_array_keys(manifest: dict[str, Any] | Manifest) -> list[str]:
+    m = manifest if isinstance(manifest, Manifest) else Manifest.model_validate(manifest)
     keys = [layout.IDS_KEY, layout.HASH_KEY, layout.META_KEY, layout.SEQ_KEY, layout.TRUNCATED_KEY]
-    if int(manifest.get("format_version", 1)) >= 2:
+    if m.format_version >= 2:
         keys += [layout.INPUT_KEY, layout.VALID_KEY]
-    if "tokens" in manifest["poolings"]:
+    if "tokens" in m.poolings:
         keys += [layout.TOKEN_OFFSET_KEY, layout.TOKEN_LENGTH_KEY]
-    if manifest.get("modality") == "image":
+    if m.modality == "image":
         keys.append(layout.GRID_KEY)
     keys += [
         layout.activation_key(p, layer)
-        for p in manifest["poolings"]
+        for p in m.poolings
         if p != "tokens"
-        for layer in manifest["layers"]
+        for layer in m.layers
     ]
     return keys
 
@@ -157,15 +158,16 @@ def mark_valid(group: Any) -> None:
 
 def grow(group: Any, manifest: dict[str, Any], n_units: int) -> dict[str, Any]:
     """Resize every array to hold ``n_units`` units; returns the updated manifest."""
-    if n_units <= int(manifest.get("n_units", 0)):
+    m = Manifest.model_validate(manifest)
+    if n_units <= m.n_units:
         return manifest
-    rpu = int(manifest["rows_per_unit"])
-    for key in row_array_keys(manifest):
+    rpu = m.rows_per_unit
+    for key in row_array_keys(m):
         arr = group[key]
         arr.resize((n_units * rpu, *arr.shape[1:]))
-    if "tokens" in manifest["poolings"] and not layout.packed_tokens(manifest):
-        slots = layout.token_slots_per_unit(rpu, int(manifest["max_length"]))
-        for layer in manifest["layers"]:
+    if "tokens" in m.poolings and not layout.packed_tokens(manifest):
+        slots = layout.token_slots_per_unit(rpu, m.max_length)
+        for layer in m.layers:
             arr = group[layout.activation_key("tokens", layer)]
             arr.resize((n_units * slots, arr.shape[1]))
     updated = {**manifest, "n_units": n_units}

@@ -52,7 +52,7 @@ from actcache.runrecord import (
 from actcache.schemas.errors import ConfigError, RunInterrupted, StorageFullError
 from actcache.schemas.job import JobConfig
 from actcache.schemas.store import UnitReceipt
-from actcache.wiring import Described, describe_job, in_process_worker, worker_manifest
+from actcache.wiring import Described, describe_job, in_process_worker, worker_spec
 from actcache.workers.storage import check_access
 
 
@@ -160,7 +160,7 @@ def _workers(job: JobConfig, described: Described, plan: Plan, fresh: bool,
         count, options = plan_workers(job, described.manifest, inline=False)
         pool = None
         try:
-            pool = ActorPool(job.store, worker_manifest(described.manifest, plan),
+            pool = ActorPool(job.store, worker_spec(described.manifest, plan),
                              storage_options, count, options, worker_cls or CachingWorker)
             manifest = described.manifest.model_copy(update={"self_check": pool.check()})
             yield pool, start_store(job.store, manifest, plan.n_units, fresh, storage_options)[0]

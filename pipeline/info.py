@@ -56,22 +56,21 @@ def _bytes_line(s: Store, url: str, storage_options: dict[str, Any] | None) -> s
 
 def describe(url: str, storage_options: dict[str, Any] | None = None) -> str:
     s = open_store(url, storage_options)
-    m = s.manifest
-    model = m["model"]
-    planned = int(m.get("n_units", 0))
+    m = s.spec
+    model = m.model
     lines = [
         f"store:       {url}",
-        f"format:      {m['format_version']} (actcache {m['actcache_version']})",
-        f"model:       {model['name']} ({model['model_type']}, {model['num_hidden_layers']} blocks, "
-        f"hidden {model['hidden_size']}), weights {model['weights_hash'][:12]}",
-        f"tokenizer:   {model['tokenizer']}, padding {model['padding_side']}",
+        f"format:      {m.format_version} (actcache {m.actcache_version})",
+        f"model:       {model.name} ({model.model_type}, {model.num_hidden_layers} blocks, "
+        f"hidden {model.hidden_size}), weights {model.weights_hash[:12]}",
+        f"tokenizer:   {model.tokenizer}, padding {model.padding_side}",
         f"layers:      {', '.join(map(str, s.layers))}",
         f"poolings:    {', '.join(s.poolings)}",
-        f"dtype:       {m['dtype']} (forward {m['model_dtype']}), codec {m['codec']}",
-        f"max_length:  {m['max_length']} (truncation {m['truncation_side']}, "
-        f"{m.get('truncated', 0)} inputs truncated)",
+        f"dtype:       {m.dtype} (forward {m.model_dtype}), codec {m.codec}",
+        f"max_length:  {m.max_length} (truncation {m.truncation_side}, "
+        f"{m.truncated} inputs truncated)",
         f"rows:        {s.n_rows} complete",
-        f"units:       {len(s.receipts)}/{planned} complete ({m['rows_per_unit']} rows each)"
+        f"units:       {len(s.receipts)}/{m.n_units} complete ({m.rows_per_unit} rows each)"
         + ("" if s.complete else "  INCOMPLETE: rerun the job to finish it"),
         f"bytes:       {_bytes_line(s, url, storage_options)}",
         f"columns:     {', '.join(map(str, s.metadata.columns)) or '-'}",

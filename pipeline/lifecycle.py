@@ -84,7 +84,7 @@ def stored_rows(url: str, storage_options: dict[str, Any] | None) -> StoredRows:
     store = Store(url, storage_options)
     slots = store.physical_slots()
     complete = {r.unit for r in store.receipts}
-    n_units = int(store.manifest.get("n_units", 0))
+    n_units = store.spec.n_units
     # Store order has no reader of its own in Store (only planning needs it): read from
     # the group with zarr, at the complete rows' slots.
     seq = np.asarray(store.group[layout.SEQ_KEY].oindex[slots]) if len(slots) else np.zeros(0)
@@ -96,7 +96,7 @@ def stored_rows(url: str, storage_options: dict[str, Any] | None) -> StoredRows:
         slots=slots,
         complete_units=complete,
         n_units=n_units,
-        planned_seq=planned_seq(store.group, complete, n_units, int(store.manifest["rows_per_unit"])),
+        planned_seq=planned_seq(store.group, complete, n_units, store.rows_per_unit),
     )
 
 

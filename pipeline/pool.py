@@ -15,7 +15,7 @@ from typing import Any
 
 from actcache.schemas.errors import ConfigError, ModelTooLargeError
 from actcache.schemas.job import JobConfig
-from actcache.schemas.store import UnitReceipt, UnitTask
+from actcache.schemas.store import UnitReceipt, UnitTask, WorkerSpec
 from actcache.workers.actor import CachingWorker
 from actcache.workers.devices import memory_bytes
 from actcache.workers.placement import headroom, offloaded
@@ -130,7 +130,7 @@ class ActorPool:
     def __init__(
         self,
         store_url: str,
-        manifest: dict[str, Any],
+        spec: WorkerSpec,
         storage_options: dict[str, Any] | None,
         count: int,
         options: dict[str, Any],
@@ -151,7 +151,7 @@ class ActorPool:
             **options,
         )
         threads = int(options.get("num_cpus", 1))
-        self._args = (store_url, manifest, storage_options, threads)
+        self._args = (store_url, spec, storage_options, threads)
         self.actors = [self._new() for _ in range(count)]
         self.on_lost: Callable[[int, str], None] | None = None
         """Called with (unit, why) for each unit whose actor died (a lost worker or node)."""

@@ -88,6 +88,7 @@ class Store:
         if not manifest:
             raise StoreNotFoundError(f"{url!r} is a zarr group but not an actcache store")
         self.manifest: dict[str, Any] = dict(manifest)
+        """The manifest as stored (``spec`` is the same, typed)."""
         self.receipts = read_units(self.group)
         self._slots, ids = live_slots(self.group, self.receipts)
         self.ids: tuple[str, ...] = tuple(str(i) for i in ids)
@@ -101,6 +102,12 @@ class Store:
         )
 
     # -- what is stored -------------------------------------------------------------
+    @cached_property
+    def spec(self) -> layout.Manifest:
+        """The manifest typed, validated once; a field an older format lacks takes the
+        schema's default (docs/STORE.md lists what each format added)."""
+        return layout.Manifest.model_validate(self.manifest)
+
     @property
     def n_rows(self) -> int:
         return len(self.ids)
@@ -135,7 +142,7 @@ class Store:
 
     @property
     def complete(self) -> bool:
-        return len(self.receipts) >= int(self.manifest.get("n_units", 0))
+        return len(self.receipts) >= self.spec.n_units
 
     @property
     def runs(self) -> list[dict[str, Any]]:
@@ -222,7 +229,7 @@ class Store:
         With ``manifest["prefix_tokens"]``, a row's ``tokens`` are its prefix tokens then
         its patches row-major: ``tokens[prefix:].reshape(grid_rows, grid_cols, hidden)``.
         """
-        if self.manifest.get("modality") != "image":
+        if self.spec.modality != "image":
             raise PoolingNotFoundError("only image stores record a patch grid")
         return gather(self._array(layout.GRID_KEY), self._physical(rows)).astype(np.int64)
 
@@ -232,8 +239,7 @@ class Store:
     @property
     def has_inputs(self) -> bool:
         """Whether rows keep their model input: format 2 and not opted out by the job."""
-        job = self.manifest.get("job") or {}
-        return layout.INPUT_KEY in self.group and bool(job.get("store_inputs", True))
+        return layout.INPUT_KEY in self.group and self.spec.store_inputs
 
     def inputs(self, rows: RowsLike = None) -> np.ndarray | None:
         """Each row's model input (its text), or None when the store keeps none."""

@@ -163,7 +163,7 @@ def _write_unit(
         inputs=tuple(ids[lo:hi]),
         run_id="synthetic",
     )
-    writer = UnitWriter(group, manifest)
+    writer = UnitWriter(group, Manifest.model_validate(manifest))
     writer.start(task, lengths[lo:hi].tolist())
     pooled = {}
     for (pooling, layer), x in values.items():

@@ -19,7 +19,7 @@ from actcache.inputs import InputRows, load_inputs
 from actcache.plan import Plan, empty_stored, make_plan
 from actcache.schemas.errors import ConfigError
 from actcache.schemas.job import JobConfig, ModelDtype
-from actcache.schemas.store import Manifest, ModelInfo
+from actcache.schemas.store import Manifest, ModelInfo, WorkerSpec
 from actcache.workers.media import IMAGE_BACKEND
 from actcache.workers.model import (
     hidden_size,
@@ -35,8 +35,8 @@ def describe_model(job: JobConfig) -> tuple[ModelInfo, Any, Any]:
     from actcache.workers.adapters import make_adapter, model_side, side_layers
 
     config = load_config(job.model, job.revision, job.trust_remote_code)
-    adapter = make_adapter(job.model_dump(mode="json"), config, job.max_length, job.truncation_side)
-    side = model_side(job.model_dump(mode="json"), config)
+    adapter = make_adapter(job, config, job.max_length, job.truncation_side)
+    side = model_side(job, config)
     config = adapter.encoder_config(config)
     check_media_job(job, config, adapter)
     weights, commit = weights_fingerprint(job.model, job.revision)
@@ -117,15 +117,14 @@ def describe_job(job: JobConfig, storage_options: dict[str, Any] | None = None) 
     return Described(manifest.model_copy(update={"rendered_example": rendered}), adapter, inputs)
 
 
-def worker_manifest(manifest: Manifest, plan: Plan) -> dict[str, Any]:
-    """The manifest as workers get it: with the self-check's inputs (a few of this run's).
-
-    Only workers get those inputs; the store's manifest records the check's result.
+def worker_spec(manifest: Manifest, plan: Plan) -> WorkerSpec:
+    """What workers start from: the manifest and the self-check's inputs (a few of this
+    run's). Only workers get those inputs; the store's manifest records the check's result.
     """
-    from actcache.workers.selfcheck import CHECK_INPUTS, pick_inputs
+    from actcache.workers.selfcheck import pick_inputs
 
     inputs = pick_inputs([x for task in plan.tasks for x in task.inputs])
-    return {**manifest.model_dump(mode="json"), CHECK_INPUTS: inputs}
+    return WorkerSpec(manifest=manifest, check_inputs=tuple(inputs))
 
 
 def new_worker(store: str | None, manifest: Manifest, plan: Plan,
@@ -135,7 +134,7 @@ def new_worker(store: str | None, manifest: Manifest, plan: Plan,
     from actcache.workers.actor import CachingWorker
 
     cls = worker_cls or CachingWorker
-    return cls(store, worker_manifest(manifest, plan), storage_options, threads)
+    return cls(store, worker_spec(manifest, plan), storage_options, threads)
 
 
 @dataclass

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from actcache.schemas._base import Frozen
+from actcache.schemas.job import JobConfig
 
 FORMAT_VERSION = 3
 """Bumped with any change of layout. 2: crc32c checksums on activation chunks;
@@ -174,6 +175,28 @@ class Manifest(Frozen):
     rendered_example: str | None = None
     """With ``chat_template``: the first row exactly as the model saw it."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _older_formats(cls, data: Any) -> Any:
+        # Fields added by a later format take their defaults, except the checksum: a
+        # format-1 store has none, which its absence means.
+        if isinstance(data, dict) and int(data.get("format_version", FORMAT_VERSION)) < 2:
+            data = {"checksum": None, **data}
+        return data
+
+    @property
+    def store_inputs(self) -> bool:
+        """Whether rows keep their model input: the job's ``store_inputs``, or its default
+        where the job does not say (written before the field existed)."""
+        return bool(self.job.get("store_inputs", JobConfig.model_fields["store_inputs"].default))
+
+    @property
+    def job_config(self) -> JobConfig:
+        """``job`` typed. A field this actcache added after the store was written takes its
+        default (the job ran with that behaviour); one it no longer knows is left out."""
+        return JobConfig.model_validate(
+            {k: v for k, v in self.job.items() if k in JobConfig.model_fields})
+
 
 class UnitReceipt(Frozen):
     """What an actor returns for a unit, and the unit's commit marker. Never activations."""
@@ -254,3 +277,13 @@ class UnitTask(Frozen):
     """Each row's model input: a text, or (text, pair) with a pair column."""
     run_id: str
     """The run computing it."""
+
+
+class WorkerSpec(Frozen):
+    """What a caching worker starts from: the store's manifest (its job inside) and the
+    inputs of its start-up self-check, a few of this run's, which only workers get."""
+
+    manifest: Manifest
+    """The manifest the store has, or will have, for this run."""
+    check_inputs: tuple[str | tuple[str, str], ...] = ()
+    """Inputs the self-check compares batched against alone (``workers/selfcheck.py``)."""

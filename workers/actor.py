@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from actcache.schemas.errors import UserError
-from actcache.schemas.store import UnitReceipt, UnitTask
+from actcache.schemas.store import UnitReceipt, UnitTask, WorkerSpec
 from actcache.workers.adapters import make_adapter, model_side, side_layers
 from actcache.workers.capture import Capture
 from actcache.workers.final_norm import final_norm
 from actcache.workers.model import depth_needed, input_device, load_config, load_model
 from actcache.workers.placement import actor_gpus, offloaded
-from actcache.workers.selfcheck import CHECK_INPUTS, self_check, tolerance
+from actcache.workers.selfcheck import self_check, tolerance
 from actcache.workers.storage import open_group
 from actcache.workers.writer import UnitWriter
 
@@ -41,29 +41,32 @@ class CachingWorker:
     def __init__(
         self,
         store_url: str | None,
-        manifest: dict[str, Any],
+        spec: WorkerSpec | dict[str, Any],
         storage_options: dict[str, Any] | None = None,
         threads: int | None = None,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
-        self.manifest = manifest
-        job = manifest["job"]
-        name = job["model"]
-        config = load_config(name, job.get("revision"), bool(job.get("trust_remote_code")))
-        self.adapter = make_adapter(job, config, manifest["max_length"],
-                                    manifest["truncation_side"], storage_options)
+        # Validated once, here: past this point every default is the schema's.
+        spec = WorkerSpec.model_validate(spec)
+        self.manifest = manifest = spec.manifest
+        self.check_inputs = spec.check_inputs
+        self.job = job = manifest.job_config
+        name = job.model
+        config = load_config(name, job.revision, job.trust_remote_code)
+        self.adapter = make_adapter(job, config, manifest.max_length, manifest.truncation_side,
+                                    storage_options)
         config = self.adapter.encoder_config(config)
         side = model_side(job, config)
         n_layers = side_layers(config, side)
         # Text models are built only as deep as asked (tested family by family); the
         # decoder side and other modalities load whole and are cut after loading.
-        depth = (depth_needed(manifest["layers"], n_layers)
+        depth = (depth_needed(manifest.layers, n_layers)
                  if self.adapter.modality == "text" and side != "decoder" else None)
         self.load_error: UserError | None = None
         try:
             self.model = self.adapter.encoder(
-                load_model(name, job, depth, actor_gpus(job.get("gpus_per_worker")))
+                load_model(name, job, depth, actor_gpus(job.gpus_per_worker))
             )
         except UserError as e:
             # Raised here, Ray would only say the actor died (and start another); kept and
@@ -72,15 +75,15 @@ class CachingWorker:
             return
         self.device = input_device(self.model)
         try:
-            self.capture = Capture(self.model, manifest["layers"], n_layers, manifest["poolings"],
-                                   side, last_block=job.get("last_layer") == "block")
-            if job.get("final_norm"):
+            self.capture = Capture(self.model, manifest.layers, n_layers, manifest.poolings,
+                                   side, last_block=job.last_layer == "block")
+            if job.final_norm:
                 self.capture.norm = final_norm(self.capture.net, config, n_layers)
         except UserError as e:
             # A layer this model cannot give: kept and raised by each call, as a load error is.
             self.load_error = e
             return
-        self.batch_size = int(job["batch_size"])
+        self.batch_size = job.batch_size
         # Opened at the first unit: workers check themselves before the store is written.
         self._store = (store_url, storage_options)
         self._group: Any = None
@@ -120,17 +123,16 @@ class CachingWorker:
             raise self.load_error
         if self.checked is not None:
             return self.checked
-        inputs = list(self.manifest.get(CHECK_INPUTS) or [])
-        job = self.manifest["job"]
+        inputs = list(self.check_inputs)
         started = time.perf_counter()
         if self.batch_size == 1 or len(inputs) < 2:
             # Every input runs alone: there is no padding to check.
             record: dict[str, Any] = {"examples": 0, "padding_side": self.adapter.padding_side,
                                       "positions": self.capture.positions, "max_rel_error": 0.0}
         else:
-            tol = tolerance(self.manifest["dtype"], self.manifest["model_dtype"])
+            tol = tolerance(self.manifest.dtype, self.manifest.model_dtype)
             with self._forward_lock, torch.inference_mode():
-                record = self_check(self.capture, self.adapter, inputs, tol, job["model"],
+                record = self_check(self.capture, self.adapter, inputs, tol, self.job.model,
                                     self.device)
         record["seconds"] = round(time.perf_counter() - started, 3)
         self.checked = record

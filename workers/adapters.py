@@ -304,14 +304,14 @@ def _rows(columns: dict[str, list[list[int]]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, values, strict=True)) for values in zip(*columns.values(), strict=True)]
 
 
-def model_side(job: dict[str, Any], config: Any) -> str | None:
+def model_side(job: JobConfig, config: Any) -> str | None:
     """Whose hidden states an encoder–decoder model stores (None for other models)."""
-    side = job.get("side")
+    side = job.side
     if getattr(config, "is_encoder_decoder", False):
         return str(side or "encoder")
     if side is not None:
         raise ConfigError(
-            f"model {job['model']!r} ({getattr(config, 'model_type', '?')}) is not an "
+            f"model {job.model!r} ({getattr(config, 'model_type', '?')}) is not an "
             f"encoder–decoder model, so it has no {side} side; remove `side` from the job"
         )
     return None
@@ -327,7 +327,7 @@ def side_layers(config: Any, side: str | None) -> int:
     return num_layers(config)
 
 
-def make_adapter(job: dict[str, Any], config: Any, max_length: int | None,
+def make_adapter(job: JobConfig, config: Any, max_length: int | None,
                  truncation_side: str, storage_options: dict[str, Any] | None = None
                  ) -> InputAdapter:
     """The adapter for the job's input column: text here, images and audio in their modules.
@@ -335,10 +335,10 @@ def make_adapter(job: dict[str, Any], config: Any, max_length: int | None,
     ``storage_options`` reach image and audio files at fsspec URLs.
     """
     side = model_side(job, config)
-    modality = JobConfig.model_validate(job).modality
+    modality = job.modality
     media: dict[str, Any] = {
-        "revision": job.get("revision"),
-        "trust_remote_code": bool(job.get("trust_remote_code")),
+        "revision": job.revision,
+        "trust_remote_code": job.trust_remote_code,
         "max_length": max_length,
         "model_config": config,
         "storage_options": storage_options,
@@ -350,25 +350,26 @@ def make_adapter(job: dict[str, Any], config: Any, max_length: int | None,
         if modality == "image":
             from actcache.workers.vision import ImageAdapter
 
-            adapter = ImageAdapter(job["model"], **media)
+            adapter = ImageAdapter(job.model, **media)
         else:
             from actcache.workers.audio import AudioAdapter
 
-            adapter = AudioAdapter(job["model"], truncation_side=truncation_side, **media)
+            adapter = AudioAdapter(job.model, truncation_side=truncation_side, **media)
         adapter.side = side
         return adapter
     chat = None
-    if job.get("chat_template"):
-        chat = {k: job.get(k) for k in ("system_prompt", "add_generation_prompt")}
+    if job.chat_template:
+        chat = {"system_prompt": job.system_prompt,
+                "add_generation_prompt": job.add_generation_prompt}
     adapter = TextAdapter(
-        job["model"],
-        revision=job.get("revision"),
-        trust_remote_code=bool(job.get("trust_remote_code")),
+        job.model,
+        revision=job.revision,
+        trust_remote_code=job.trust_remote_code,
         max_length=max_length,
         truncation_side=truncation_side,
         model_config=config,
         chat=chat,
-        decoder_prompt=str(job.get("decoder_prompt") or "") if side == "decoder" else None,
+        decoder_prompt=job.decoder_prompt if side == "decoder" else None,
     )
     adapter.side = side
     return adapter

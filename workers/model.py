@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from actcache.schemas.errors import LayerNotFoundError, ModelLoadError
+from actcache.schemas.job import JobConfig
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
@@ -261,7 +262,7 @@ def block_list(model: Any, n_layers: int) -> Any | None:
 
 
 def load_model(
-    name: str, job: dict[str, Any], depth: int | None = None, gpus: Sequence[int] = ()
+    name: str, job: JobConfig, depth: int | None = None, gpus: Sequence[int] = ()
 ) -> Any:
     """The model in eval mode, built with its first ``depth`` blocks only (all when None).
 
@@ -274,11 +275,11 @@ def load_model(
     from actcache.workers import placement
     from actcache.workers.dtypes import torch_dtype
 
-    revision, trust = job.get("revision"), bool(job.get("trust_remote_code"))
+    revision, trust = job.revision, job.trust_remote_code
     config = load_config(name, revision, trust)
     if depth is not None:
         config = cut_config(config, depth)
-    dtype = torch_dtype(resolve_model_dtype(name, revision, trust, job.get("model_dtype", "auto")))
+    dtype = torch_dtype(resolve_model_dtype(name, revision, trust, job.model_dtype.value))
     kwargs = placement.load_kwargs(name, config, dtype, job, list(gpus))
     # The run reports its own progress; a weight-loading bar per worker is noise.
     hf_logging.disable_progress_bar()
@@ -298,7 +299,7 @@ def load_model(
     finally:
         hf_logging.set_verbosity(verbosity)
     if gpus:
-        placement.check_placement(model.hf_device_map, name, list(gpus), bool(job.get("offload")))
+        placement.check_placement(model.hf_device_map, name, list(gpus), job.offload)
     return model.eval()
 
 

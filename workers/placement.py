@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from actcache.schemas.errors import ModelLoadError, ModelTooLargeError
+from actcache.schemas.job import JobConfig
 from actcache.workers.dtypes import ITEMSIZE
 
 #: Left free on each GPU for activations, the CUDA context and the allocator's slack:
@@ -83,7 +84,7 @@ def plan_device_map(config: Any, dtype: Any, limits: dict[Any, int], trust_remot
                                       dtype=dtype))
 
 
-def load_kwargs(name: str, config: Any, dtype: Any, job: dict[str, Any], gpus: list[int]
+def load_kwargs(name: str, config: Any, dtype: Any, job: JobConfig, gpus: list[int]
                 ) -> dict[str, Any]:
     """``from_pretrained`` arguments placing the model: dtype, device map, quantisation.
 
@@ -92,13 +93,13 @@ def load_kwargs(name: str, config: Any, dtype: Any, job: dict[str, Any], gpus: l
     allows offload, which then goes to the CPU, and past it to a temporary folder).
     """
     kwargs: dict[str, Any] = {"dtype": dtype}
-    offload, quantize = bool(job.get("offload")), job.get("quantize")
+    offload, quantize = job.offload, job.quantize
     if gpus:
         limits = max_memory(gpus, offload)
         # Quantised sizes are the quantiser's to work out: it places, and is checked after.
         device_map: Any = "auto"
         if not quantize:
-            device_map = plan_device_map(config, dtype, limits, bool(job.get("trust_remote_code")))
+            device_map = plan_device_map(config, dtype, limits, job.trust_remote_code)
             check_placement(device_map, name, gpus, offload)
         kwargs.update(device_map=device_map, max_memory=limits)
         if offload:

@@ -29,8 +29,6 @@ from actcache.workers.adapters import Encoded, InputAdapter
 # noise of differently shaped matmuls, far below what a padding bug does (~0.1 to 1).
 TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 2e-2}
 CHECK_EXAMPLES = 4
-CHECK_INPUTS = "check_inputs"
-"""Key of the worker's manifest (not stored) that holds the self-check's inputs."""
 
 
 def tolerance(dtype: str, model_dtype: str) -> float:

@@ -18,7 +18,7 @@ import torch
 
 from actcache.schemas import store as layout
 from actcache.schemas.errors import OverflowStorageError
-from actcache.schemas.store import UnitReceipt, UnitTask
+from actcache.schemas.store import Manifest, UnitReceipt, UnitTask
 from actcache.workers.dtypes import encode, stored_dtype
 
 FLOAT16_MAX = 65504.0
@@ -44,11 +44,11 @@ def to_storage(x: torch.Tensor, dtype: str, layer: int) -> np.ndarray:
 class UnitWriter:
     """Collects one unit's rows and writes the shards it owns."""
 
-    def __init__(self, group: Any, manifest: dict[str, Any]) -> None:
+    def __init__(self, group: Any, manifest: Manifest) -> None:
         self.group = group
         self.manifest = manifest
-        self.dtype = manifest["dtype"]
-        self.hidden = manifest["model"]["hidden_size"]
+        self.dtype = manifest.dtype
+        self.hidden = manifest.model.hidden_size
         self._arrays: dict[str, Any] = {}
 
     def array(self, key: str) -> Any:
@@ -76,8 +76,8 @@ class UnitWriter:
         total = int(self.lengths.sum())
         np_dtype = stored_dtype(self.dtype)
         self.buffers: dict[tuple[str, int], np.ndarray] = {}
-        for pooling in self.manifest["poolings"]:
-            for layer in self.manifest["layers"]:
+        for pooling in self.manifest.poolings:
+            for layer in self.manifest.layers:
                 rows = total if pooling == "tokens" else n
                 self.buffers[(pooling, layer)] = np.empty((rows, self.hidden), dtype=np_dtype)
 
@@ -112,14 +112,14 @@ class UnitWriter:
         self.array(layout.HASH_KEY)[lo:hi] = np.array(task.hashes, dtype=str)
         self.array(layout.META_KEY)[lo:hi] = np.array(task.meta, dtype=str)
         self.array(layout.TRUNCATED_KEY)[lo:hi] = np.asarray(truncated, dtype=bool)
-        if self.grid is not None and self.manifest.get("modality") == "image":
+        if self.grid is not None and self.manifest.modality == "image":
             self.array(layout.GRID_KEY)[lo:hi] = np.asarray(self.grid, dtype=np.int32).reshape(n, 2)
-        if self.manifest["job"].get("store_inputs", True):
+        if self.manifest.store_inputs:
             # A sentence pair is kept as the JSON list [text, pair].
             inputs = [x if isinstance(x, str) else json.dumps(list(x), ensure_ascii=False)
                       for x in task.inputs]
             self.array(layout.INPUT_KEY)[lo:hi] = np.array(inputs, dtype=str)
-        if "tokens" in self.manifest["poolings"]:
+        if "tokens" in self.manifest.poolings:
             self.array(layout.TOKEN_OFFSET_KEY)[lo:hi] = self.offsets
             self.array(layout.TOKEN_LENGTH_KEY)[lo:hi] = self.lengths
         receipt = UnitReceipt(

@@ -50,18 +50,21 @@ def test_a_model_split_across_the_actors_gpus_matches_cpu_reference(tmp_path, ti
                                                                      monkeypatch):
     import torch
 
+    from actcache.schemas.job import JobConfig
     from actcache.workers import placement
     from actcache.workers.model import input_device, load_model
+
+    job = JobConfig(model=tiny_gpt2_right, inputs="in.jsonl", store="s.zarr", model_dtype="float32")
 
     k = min(2, torch.cuda.device_count())
     gpus = placement.actor_gpus(k)
     assert gpus == list(range(k))
     if k == 2:
         # A tiny model fits one GPU: cap each GPU at about half of it so it must span both.
-        whole = load_model(tiny_gpt2_right, {"model_dtype": "float32"})
+        whole = load_model(tiny_gpt2_right, job)
         half = sum(p.numel() * p.element_size() for p in whole.parameters()) * 6 // 10
         monkeypatch.setattr(placement, "max_memory", lambda g, offload: dict.fromkeys(g, half))
-    model = load_model(tiny_gpt2_right, {"model_dtype": "float32"}, None, gpus)
+    model = load_model(tiny_gpt2_right, job, None, gpus)
     assert {p.device.index for p in model.parameters()} == set(gpus)
     assert input_device(model) == torch.device("cuda", 0)
     assert not placement.offloaded(model)

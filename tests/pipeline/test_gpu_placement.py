@@ -37,17 +37,17 @@ def test_two_gpus_per_worker_on_four_gpus_starts_two_actors_each_holding_two(
     from actcache.driver import parse_job
     from actcache.plan import empty_stored, make_plan
     from actcache.pool import ActorPool, worker_options
-    from actcache.wiring import describe_job, worker_manifest
+    from actcache.wiring import describe_job, worker_spec
 
     folder, raw = existing
     job = parse_job({**raw, "gpus_per_worker": 2})
     described = describe_job(job)
     plan = make_plan(described.inputs, empty_stored(), job.rows_per_unit, "r")
-    manifest = worker_manifest(described.manifest, plan)
+    spec = worker_spec(described.manifest, plan)
     count, options = worker_options(job.workers, None, job.gpus_per_worker,
                                     ray_4_gpus.cluster_resources())
     assert (count, options["num_gpus"]) == (2, 2)
-    pool = ActorPool(job.store, manifest, None, count, options)
+    pool = ActorPool(job.store, spec, None, count, options)
     try:
         placed = ray_4_gpus.get([a.ping.remote() for a in pool.actors])
     finally:

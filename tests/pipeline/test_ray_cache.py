@@ -99,7 +99,7 @@ def test_one_actor_per_gpu(tmp_path, tiny_bert):
 
     from actcache.plan import empty_stored, make_plan
     from actcache.pool import ActorPool, worker_options
-    from actcache.wiring import describe_job, worker_manifest
+    from actcache.wiring import describe_job, worker_spec
 
     ray.shutdown()
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
@@ -107,11 +107,11 @@ def test_one_actor_per_gpu(tmp_path, tiny_bert):
         config = job(tmp_path, tiny_bert, str(tmp_path / "gpu.zarr"))
         described = describe_job(config)
         plan = make_plan(described.inputs, empty_stored(), config.rows_per_unit, "r")
-        manifest = worker_manifest(described.manifest, plan)
+        spec = worker_spec(described.manifest, plan)
         run_job(config, inline=True, echo=lambda *_: None)  # creates the store
         count, options = worker_options(None, None, None, ray.cluster_resources())
         assert (count, options["num_gpus"]) == (2, 1)
-        pool = ActorPool(str(tmp_path / "gpu.zarr"), manifest, None, count, options)
+        pool = ActorPool(str(tmp_path / "gpu.zarr"), spec, None, count, options)
         placed = ray.get([a.ping.remote() for a in pool.actors])
         pool.shutdown()
     finally:

@@ -18,6 +18,7 @@ import torch
 
 from actcache import open_store
 from actcache.driver import parse_job, run_job
+from actcache.schemas.job import JobConfig
 from actcache.workers.adapters import TextAdapter
 from actcache.workers.capture import Capture
 from actcache.workers.model import (
@@ -84,12 +85,16 @@ def family_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {family: build(root / family, family) for family in FAMILIES}
 
 
+def float32_job(model: str) -> JobConfig:
+    return JobConfig(model=model, inputs="in.jsonl", store="s.zarr", model_dtype="float32")
+
+
 def captured(model_path: str, layers: tuple[int, ...], depth: int | None
              ) -> tuple[dict[Any, np.ndarray], bool]:
     """(pooled values per (pooling, layer), whether the model was built with ``depth`` blocks)."""
     config = load_config(model_path)
     adapter = TextAdapter(model_path, max_length=64, truncation_side="right", model_config=config)
-    model = load_model(model_path, {"model_dtype": "float32"}, depth)
+    model = load_model(model_path, float32_job(model_path), depth)
     built_cut = block_list(model, LAYERS) is None and block_list(model, depth or 0) is not None
     capture = Capture(model, layers, num_layers(config), ("mean", "last", "tokens"))
     batch = adapter.batch(adapter.encode(SENTENCES[:6]).examples)
@@ -138,8 +143,10 @@ def test_a_store_cut_at_load_equals_the_full_models_store(tmp_path, family_model
 PEAK_RSS = textwrap.dedent("""
     import sys
     import torch
+    from actcache.schemas.job import JobConfig
     from actcache.workers.model import load_model
-    model = load_model(sys.argv[1], {"model_dtype": "float32"}, int(sys.argv[2]) or None)
+    job = JobConfig(model=sys.argv[1], inputs="in.jsonl", store="s.zarr", model_dtype="float32")
+    model = load_model(sys.argv[1], job, int(sys.argv[2]) or None)
     with torch.inference_mode():  # a forward pass touches every weight the model holds
         model(input_ids=torch.arange(16)[None])
     # VmHWM: this process's own peak (ru_maxrss would carry the parent's over the exec).

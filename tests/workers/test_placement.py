@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from actcache.schemas.errors import ModelTooLargeError
+from actcache.schemas.job import JobConfig
 from actcache.workers.model import cut_config, load_config, load_model, resolve_model_dtype
 from actcache.workers.placement import check_placement, off_gpu, plan_device_map, weight_bytes
 
@@ -23,13 +24,17 @@ def llama(tmp_path_factory):
     return str(folder)
 
 
+def job(model: str, model_dtype: str) -> JobConfig:
+    return JobConfig(model=model, inputs="in.jsonl", store="s.zarr", model_dtype=model_dtype)
+
+
 def params_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def test_two_gpus_split_the_model_and_too_little_memory_is_refused(llama):
     config = load_config(llama)
-    size = params_bytes(load_model(llama, {"model_dtype": "float32"}))
+    size = params_bytes(load_model(llama, job(llama, "float32")))
     split = plan_device_map(config, torch.float32, {0: size, 1: size})
     assert set(split.values()) == {0, 1}
     assert split["embed_tokens"] == 0  # the inputs' device is the first GPU
@@ -42,7 +47,7 @@ def test_two_gpus_split_the_model_and_too_little_memory_is_refused(llama):
 
 def test_the_size_estimate_is_the_loaded_models_bytes(llama):
     for depth, dtype in ((4, "float32"), (2, "float32"), (1, "bfloat16")):
-        model = load_model(llama, {"model_dtype": dtype}, depth if depth < 4 else None)
+        model = load_model(llama, job(llama, dtype), depth if depth < 4 else None)
         assert weight_bytes(llama, depth, 4, dtype, None) == params_bytes(model), (depth, dtype)
     assert weight_bytes(llama, 4, 4, "bfloat16", "4bit") == weight_bytes(llama, 4, 4, "float32",
                                                                          None) // 8
@@ -52,6 +57,6 @@ def test_auto_dtype_is_the_checkpoints(llama, tiny_bert):
     assert resolve_model_dtype(llama, None, False, "auto") == "bfloat16"
     assert resolve_model_dtype(tiny_bert, None, False, "auto") == "float32"
     assert resolve_model_dtype(llama, None, False, "float16") == "float16"
-    model = load_model(llama, {"model_dtype": "auto"}, 2)
+    model = load_model(llama, job(llama, "auto"), 2)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert cut_config(load_config(llama), 2).num_hidden_layers == 2

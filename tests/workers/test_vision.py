@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from actcache.schemas.job import JobConfig
 from actcache.workers.adapters import make_adapter
 from actcache.workers.capture import Capture
 from actcache.workers.model import load_config
@@ -14,7 +15,7 @@ from tests.media import IMAGE_MODELS, write_images
 
 
 def image_adapter(model: str):
-    job = {"model": model, "inputs": "in.jsonl", "store": "s.zarr", "image_column": "image"}
+    job = JobConfig(model=model, inputs="in.jsonl", store="s.zarr", image_column="image")
     return make_adapter(job, load_config(model), None, "right")
 
 
