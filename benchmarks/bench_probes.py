@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _timing import best_alternating
 
 from actcache.probes.api import train_probes
 from actcache.probes.testing import sklearn_reference
@@ -150,13 +151,16 @@ def out_of_core(args: argparse.Namespace) -> None:
               f"{store.dtype}, {stored / 1e6:.0f} MB stored; --max-memory "
               f"{cfg.max_memory / 1e6:.1f} MB ({stored / cfg.max_memory:.1f}x smaller); "
               f"device {pick_device()}; torch threads {torch.get_num_threads()}")
+        sizes: list[int] = []
+
+        def raw() -> float:
+            seconds, nbytes = raw_pass(url, store)
+            sizes.append(nbytes)
+            return seconds
+
         # Alternating rounds, best of each: on a shared machine one pair is mostly noise.
-        raws, stores = [], []
-        for _ in range(3):
-            t_raw, nbytes = raw_pass(url, store)
-            raws.append(t_raw)
-            stores.append(store_pass(store, cfg))
-        t_raw, t_store = min(raws), min(stores)
+        t_raw, t_store = best_alternating(raw, lambda: store_pass(store, cfg), 3)
+        nbytes = sizes[-1]
         print(f"raw pass (chunk bytes read + widened, numpy): {t_raw:.2f}s "
               f"({nbytes / 1e6 / t_raw:.0f} MB/s of stored bytes)")
         print(f"store pass (read + decode + widen, every layer): {t_store:.2f}s  "

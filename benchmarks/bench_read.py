@@ -30,14 +30,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_cache import best_alternating
+from _timing import best_alternating, timer
 from bench_query import numpy_topk
 
 from actcache.testing import synthetic_store
@@ -116,15 +116,6 @@ def same_sums(a: list[np.ndarray], b: list[np.ndarray], what: str) -> None:
     sa, sb = np.sum(a, axis=0), np.sum(b, axis=0)
     if not np.allclose(sa, sb, rtol=1e-9, atol=1e-6):
         raise SystemExit(f"{what}: the store and the baseline read different values")
-
-
-def timer(fn: Callable[[], object]) -> Callable[[], float]:
-    def run() -> float:
-        started = time.perf_counter()
-        fn()
-        return time.perf_counter() - started
-
-    return run
 
 
 # -- the report -----------------------------------------------------------------------------
