@@ -108,6 +108,32 @@ def _plain(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_columns(url: str, storage_options: dict[str, Any] | None,
+                 named: tuple[tuple[str | None, str], ...]) -> tuple[list[dict[str, Any]], list[str]]:
+    """(the input's records, its columns in order of first appearance); no rows, or a
+    column that a job field in ``named`` (column, field) names and no row has, is an error."""
+    records = read_records(url, storage_options)
+    if not records:
+        raise InputDataError(f"inputs {url!r} hold no rows")
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    for column, field in named:
+        if column is not None and column not in columns:
+            raise InputDataError(
+                f"inputs {url!r} have no column {column!r} (set by `{field}`); "
+                f"columns found: {', '.join(columns)}"
+            )
+    return records, columns
+
+
+def note_id(seen: dict[str, int], row_id: str, number: int) -> None:
+    """Note that row ``number`` has ``row_id`` in ``seen``; an id seen before is an error."""
+    if row_id in seen:
+        raise InputDataError(
+            f"id {row_id!r} appears twice (rows {seen[row_id]} and {number}); ids must be unique"
+        )
+    seen[row_id] = number
+
+
 def load_inputs(
     url: str,
     text_column: str,
@@ -120,18 +146,8 @@ def load_inputs(
         from actcache.media_inputs import load_media_inputs
 
         return load_media_inputs(url, text_column, id_column, modality, storage_options)
-    records = read_records(url, storage_options)
-    if not records:
-        raise InputDataError(f"inputs {url!r} hold no rows")
-    columns = list(dict.fromkeys(k for r in records for k in r))
-    named = ((text_column, "text_column"), (id_column, "id_column"),
-             (pair_column, "text_pair_column"))
-    for column, what in named:
-        if column is not None and column not in columns:
-            raise InputDataError(
-                f"inputs {url!r} have no column {column!r} (set by `{what}`); "
-                f"columns found: {', '.join(columns)}"
-            )
+    records, columns = read_columns(url, storage_options, (
+        (text_column, "text_column"), (id_column, "id_column"), (pair_column, "text_pair_column")))
     ids: list[str] = []
     texts: list[Any] = []
     hashes: list[str] = []
@@ -149,11 +165,7 @@ def load_inputs(
                 )
         if pair_column is not None:
             text = (text, record[pair_column])
-        if row_id in seen:
-            raise InputDataError(
-                f"id {row_id!r} appears twice (rows {seen[row_id]} and {number}); ids must be unique"
-            )
-        seen[row_id] = number
+        note_id(seen, row_id, number)
         ids.append(row_id)
         texts.append(text)
         hashes.append(content_hash(text))

@@ -12,7 +12,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from actcache.inputs import InputRows, read_records
+from actcache.inputs import InputRows, note_id, read_columns
 from actcache.schemas.errors import InputDataError
 from actcache.workers.media import (
     AUDIO_SUFFIXES,
@@ -84,17 +84,8 @@ def _table(
     modality: str,
     storage_options: dict[str, Any] | None,
 ) -> tuple[list[str], list[str], list[dict[str, Any]], list[str]]:
-    records = read_records(url, storage_options)
-    if not records:
-        raise InputDataError(f"inputs {url!r} hold no rows")
-    columns = list(dict.fromkeys(k for r in records for k in r))
-    what = f"{modality}_column"
-    for name, field in ((column, what), (id_column, "id_column")):
-        if name is not None and name not in columns:
-            raise InputDataError(
-                f"inputs {url!r} have no column {name!r} (set by `{field}`); "
-                f"columns found: {', '.join(columns)}"
-            )
+    records, columns = read_columns(url, storage_options,
+                                    ((column, f"{modality}_column"), (id_column, "id_column")))
     base = url.rsplit("/", 1)[0] if "/" in url else None
     ids, refs, metas = [], [], []
     seen: dict[str, int] = {}
@@ -107,11 +98,7 @@ def _table(
                 f"row {number} (id {row_id!r}): {column!r} is {e}; give each row a path, "
                 "a URL or the file's bytes"
             ) from e
-        if row_id in seen:
-            raise InputDataError(
-                f"id {row_id!r} appears twice (rows {seen[row_id]} and {number}); ids must be unique"
-            )
-        seen[row_id] = number
+        note_id(seen, row_id, number)
         ids.append(row_id)
         metas.append({k: v for k, v in record.items() if k not in (column, id_column)})
     return ids, refs, metas, [c for c in columns if c not in (column, id_column)]
