@@ -7,6 +7,7 @@ import pytest
 
 from actcache.query import _search, parse_where
 from actcache.read import _reader
+from actcache.read._fetch import MERGE_BYTES
 from actcache.schemas.errors import (
     ColumnNotFoundError,
     ConfigError,
@@ -223,8 +224,8 @@ def test_bool_column_matches_text_true(tmp_path) -> None:
 @pytest.mark.parametrize("metric", [None, "cosine", "euclidean"])
 def test_search_peak_memory_is_two_blocks_plus_a_shard(tmp_path, monkeypatch, metric) -> None:
     """The stated bound, measured: the reader's ring of two float32 blocks, the stored
-    values of one shard being widened, ``SCORE_BYTES`` of scoring work and the row
-    numbers (16 bytes a row); numpy reports its allocations to tracemalloc, zarr's
+    values being widened (``MERGE_BYTES`` at most), ``SCORE_BYTES`` of scoring work and the
+    row numbers (16 bytes a row); numpy reports its allocations to tracemalloc, zarr's
     buffers included."""
     import tracemalloc
 
@@ -249,5 +250,5 @@ def test_search_peak_memory_is_two_blocks_plus_a_shard(tmp_path, monkeypatch, me
     finally:
         tracemalloc.stop()
     assert rows * hidden * 4 >= 8 * block  # the layer is far larger than the bound
-    shard = 1024 * hidden * 2
-    assert peak <= 2 * block + shard + _search.SCORE_BYTES + 16 * rows + 2**18, peak / block
+    stored = min(MERGE_BYTES, block // 2)  # float16: half a float32 block
+    assert peak <= 2 * block + stored + _search.SCORE_BYTES + 16 * rows + 2**18, peak / block

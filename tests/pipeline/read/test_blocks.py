@@ -14,6 +14,7 @@ import torch
 import zarr
 
 from actcache import open_store
+from actcache.read._fetch import MERGE_BYTES
 from actcache.schemas import store as layout
 from actcache.store import Store
 from actcache.testing import downgrade, synthetic_store
@@ -166,9 +167,10 @@ def test_read_of_tokens_is_the_blocks_in_the_order_asked(tmp_path: Path) -> None
 def test_memory_is_two_blocks_plus_a_shard_on_a_store_ten_times_a_block(
         tmp_path: Path, pooling: str) -> None:
     """A pass over a store ten times the block size holds the reader's ring of two float32
-    blocks, one shard's stored values and the row numbers (16 bytes a value row)."""
+    blocks, the stored values of one read (half a float32 block in float16, and never
+    above ``MERGE_BYTES``) and the row numbers (16 bytes a value row)."""
     rng = np.random.default_rng(1)
-    n, hidden, rpu = 8192, 64, 512
+    n, hidden, rpu = 8192, 128, 512
     lengths = rng.integers(1, 5, n)
     total = int(lengths.sum())
     x = rng.standard_normal((n, hidden), dtype=np.float32)
@@ -178,7 +180,7 @@ def test_memory_is_two_blocks_plus_a_shard_on_a_store_ten_times_a_block(
                             token_lengths=lengths)
     values = total if pooling == "tokens" else n
     block = values * hidden * 4 // 10
-    shard = (rpu * int(lengths.max()) if pooling == "tokens" else rpu) * hidden * 2
+    shard = min(MERGE_BYTES, block // 2)
     sum(len(b) for b in store.blocks(0, pooling, block_bytes=block))  # warm: imports, listing
     tracemalloc.start()
     try:
