@@ -225,9 +225,9 @@ def test_memory_is_the_buffer_and_a_few_pieces_on_a_store_ten_times_the_buffer(
     store = synthetic_store(str(tmp_path / "big.zarr"), {}, rows_per_unit=512, dtype="float16",
                             poolings=("tokens",), tokens=t, token_lengths=lengths)
     buffer, batch = total // 10, 256
-    loader = TokenLoader(store, 0, batch_size=batch, buffer_tokens=buffer)
+    sum(len(b) for b in TokenLoader(store, 0, batch_size=batch, buffer_tokens=buffer))  # warm
+    loader = TokenLoader(store, 0, batch_size=batch, buffer_tokens=buffer)  # its buffer: below
     piece = int(loader.pieces.values.max())
-    sum(len(b) for b in loader)  # warm: imports, shard listings
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
