@@ -9,9 +9,9 @@
 3. The start-up self-check each worker runs once (a padded batch of a few inputs against
    each alone), against the in-process caching time of the same run.
 4. Images, in process: the caching worker on an image store (decode PNG bytes, the
-   checkpoint's image processor per image, forward, pool, write, commit) against a bare
-   processor + forward loop over the same images, in images/s; the images are
-   scikit-learn's digits and the model the vision example's tiny ViT
+   checkpoint's image processor over up to 64 images per call, forward, pool, write,
+   commit) against a bare processor + forward loop over the same images, in images/s;
+   the images are scikit-learn's digits and the model the vision example's tiny ViT
    (examples/make_digits.py).
 
     python benchmarks/bench_cache.py [--rows 12000] [--batch-size 64] [--repeats 2]
