@@ -30,6 +30,14 @@ def _bad_model_files() -> tuple[type[BaseException], ...]:
     return (OSError, ValueError, ImportError, SafetensorError)
 
 
+def _weights_mismatch(e: RuntimeError) -> bool:
+    """Whether torch refused the checkpoint's tensors for the config's shapes: the model
+    folder is wrong (a user can fix it), unlike any other RuntimeError."""
+    text = str(e)
+    return any(m in text for m in ("size mismatch", "Error(s) in loading state_dict",
+                                   "ignore_mismatched_sizes"))
+
+
 PACKAGE_SCHEME = "pkg://"
 _LAYER_ATTRS = ("num_hidden_layers", "n_layer", "num_layers")
 
@@ -293,6 +301,12 @@ def load_model(
             trust_remote_code=trust, local_files_only=True, **kwargs,
         )
     except _bad_model_files() as e:
+        raise ModelLoadError(
+            f"cannot load model {name!r}: {first_line(e)}; fix or replace the model folder"
+        ) from e
+    except RuntimeError as e:
+        if not _weights_mismatch(e):
+            raise
         raise ModelLoadError(
             f"cannot load model {name!r}: {first_line(e)}; fix or replace the model folder"
         ) from e

@@ -43,6 +43,13 @@ class Block:
         return len(self.rows)
 
 
+def distinct(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values: ``np.unique`` by a sort (its hash path measured 0.1 s for
+    200,000 row numbers, a sixth of a whole top-k pass)."""
+    out = np.sort(values)
+    return out[np.concatenate([[True], out[1:] != out[:-1]])] if len(out) else out
+
+
 class StoreReader:
     """Every read of a store's activations goes through one of these (one per store)."""
 
@@ -93,7 +100,7 @@ class StoreReader:
     def blocks(self, index: int, pooling: str, rows: RowsLike = None,
                block_bytes: int | None = None) -> Iterator[Block]:
         """Blocks of layer ``index``: every requested row once, physical order, prefetched."""
-        positions = np.unique(self.positions(rows))
+        positions = self.positions(rows) if rows is None else distinct(self.positions(rows))
         plans = self.plans(pooling, positions, block_bytes)
         if not plans:
             return
@@ -130,7 +137,7 @@ class StoreReader:
             if len(uniq) == len(wanted) and np.array_equal(uniq, wanted):
                 return out[0]
             return out[0][inverse.reshape(-1)]
-        uniq = np.unique(wanted)
+        uniq = distinct(wanted)
         plans = self.plans(pooling, uniq, _ALL)
         total = sum(len(p) for p in plans)
         out = np.empty((1, total, hidden), dtype=np.float32)
