@@ -60,7 +60,9 @@ def fetch(ref: str, storage_options: dict[str, Any] | None = None) -> bytes:
         return base64.b64decode(ref[len(BYTES_PREFIX) :])
     import fsspec
 
-    with fsspec.open(ref, "rb", **(storage_options or {})) as f:
+    from actcache.workers.storage import with_retries
+
+    with fsspec.open(ref, "rb", **with_retries(ref, storage_options)) as f:
         data: bytes = f.read()
     return data
 

@@ -8,7 +8,7 @@ the train rows into the budget, one for ridge's Gram matrices, and a few for the
 probes, solved on the sample and polished on the store by one Newton step per pass
 (``_newton``); then one pass over all layers scores everything. ``ProbeResult.passes``
 counts what was read. A streaming run fixes glibc's mmap threshold for the rest of the
-process (``_data.bound_allocator`` says why).
+process (``actcache.read.bound_allocator`` says why).
 
 A regression task (numeric labels; ridge only) fits ridge on the number itself from the
 same Gram pass, C chosen on validation MSE. Its metrics rows leave the accuracy columns,
@@ -36,7 +36,6 @@ from actcache.probes._data import (
     BlockSource,
     ProbeData,
     Reads,
-    bound_allocator,
     plan_blocks,
     prepare,
 )
@@ -49,6 +48,7 @@ from actcache.probes._train import (
     gram_preconditioner,
     solve,
 )
+from actcache.read import bound_allocator
 from actcache.schemas.probe import Precision, ProbeConfig, ProbeKind
 from actcache.workers.devices import pick_device
 
