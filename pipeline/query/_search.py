@@ -1,16 +1,17 @@
 """Top-k along a direction and nearest neighbours, streamed block by block.
 
-A layer is read through ``Store.blocks`` (whole chunks, physical order, the next block
-prefetched) and scored as it comes; a running top-k keeps at most ``k`` candidates (plus
-any ties at the cut) between blocks. Memory is bounded whatever the store's size, at
-about two float32 blocks (the reader's ring), the stored values of the block being read,
-plus the scoring's row-by-row work, done ``SCORE_BYTES`` at a time. Ranks are by score
+A layer is read through the store's reader as stored (whole chunks, physical order, the
+next read fetched while this one is scored), widened ``SCORE_BYTES`` at a time right
+before it is scored, so the float32 values stay in the CPU's cache; a running top-k keeps
+at most ``k`` candidates (plus any ties at the cut) between reads. Memory is bounded
+whatever the store's size: two or three reads' stored values (``MERGE_BYTES`` each at
+most) and ``SCORE_BYTES`` of scoring work. Ranks are by score
 descending, ties by store row order, exactly as a brute-force sort would give.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,15 +39,25 @@ class Ranking:
         return len(self.rows)
 
 
-def _blocks(store: Store, layer: int, pooling: str | None,
-            rows: Sequence[int] | np.ndarray | None) -> Iterator[Any]:
-    """The store's blocks of a pooled layer (tokens are refused: ranks are per row)."""
-    if store.resolve_pooling(pooling) == "tokens":
+def _scored(store: Store, layer: int, pooling: str | None,
+            rows: Sequence[int] | np.ndarray | None,
+            score: Callable[[np.ndarray], np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(store rows, scores) of a pooled layer, scored ``SCORE_BYTES`` of float32 at a time
+    as each stored slice is widened (tokens are refused: ranks are per row)."""
+    from actcache.read import decode
+
+    name = store.resolve_pooling(pooling)
+    if name == "tokens":
         raise ConfigError(
             "top-k and nearest rank pooled rows, not tokens; choose a pooling among "
             + ", ".join(p for p in store.poolings if p != "tokens")
         )
-    return store.blocks(layer, pooling, rows)
+    step = max(1, SCORE_BYTES // (4 * store.hidden_size))
+    for positions, raw in store.reader.stored(store.resolve_layer(layer), name, rows):
+        scores = np.empty(len(raw), dtype=np.float32)
+        for lo in range(0, len(raw), step):
+            scores[lo:lo + step] = score(decode(raw[lo:lo + step], store.dtype))
+        yield positions, scores
 
 
 class RunningTopK:
@@ -105,8 +116,8 @@ def topk(
     store.resolve_layer(layer)
     w = _vector(store, layer, direction, "direction")
     top = RunningTopK(k)
-    for block in _blocks(store, layer, pooling, rows):
-        top.push(block.values @ w, block.rows)
+    for positions, scores in _scored(store, layer, pooling, rows, lambda x: x @ w):
+        top.push(scores, positions)
     return _ranking(store, top)
 
 
@@ -148,6 +159,7 @@ def nearest(
     store.resolve_layer(layer)
     q = _vector(store, layer, query, "query")
     top = RunningTopK(k)
-    for block in _blocks(store, layer, pooling, rows):
-        top.push(similarity(block.values, q, metric), block.rows)
+    for positions, scores in _scored(store, layer, pooling, rows,
+                                     lambda x: similarity(x, q, metric)):
+        top.push(scores, positions)
     return _ranking(store, top)

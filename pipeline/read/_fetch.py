@@ -162,17 +162,17 @@ class Fetcher:
 
         jobs, targets = [], []
         for i, layer in enumerate(layers):
-            for key, read, parts in self._merged(plan, layer):
+            for key, read, parts in self.merged(plan, layer):
                 jobs.append((key, read, parts))
                 targets.append((i, read))
-        for (i, read), raw in zip(targets, self._fetch_merged(jobs), strict=True):
+        for (i, read), raw in zip(targets, self.fetch_merged(jobs), strict=True):
             if isinstance(read.dest, slice):
                 widen(raw, dtype, out[i, read.dest])
             else:
                 out[i, read.dest] = decode(raw, dtype)
             del raw  # before the next read: one read's stored values at a time
 
-    def _fetch_merged(self, jobs: list[tuple[str, Read, list[Read]]]) -> Iterator[np.ndarray]:
+    def fetch_merged(self, jobs: list[tuple[str, Read, list[Read]]]) -> Iterator[np.ndarray]:
         """``fetch_each`` of merged reads; a merged read that fails is read again part by
         part, so that the error names the unit it is in."""
         values = self.fetch_each([(key, read) for key, read, _ in jobs])
@@ -184,7 +184,7 @@ class Fetcher:
                     self.fetch(key, part)
                 raise
 
-    def _merged(self, plan: Plan, layer: int) -> list[tuple[str, Read, list[Read]]]:
+    def merged(self, plan: Plan, layer: int) -> list[tuple[str, Read, list[Read]]]:
         """The plan's reads of ``layer``, runs of whole adjacent ranges of one array merged
         up to ``MERGE_BYTES`` of stored values.
 

@@ -56,3 +56,43 @@ def prefetch(items: Sequence[T], read: Callable[[T, np.ndarray], R], buffer_size
     finally:
         stop.set()
         thread.join()
+
+
+def prefetch_iter(items: Iterator[T], name: str = "actcache-read") -> Iterator[T]:
+    """The items of ``items``, the next one produced on a thread while the caller works on
+    this one (at most two exist at once, besides the caller's)."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.05)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as exc:  # handed to the consumer, re-raised there
+            q.put(exc)
+
+    thread = threading.Thread(target=work, daemon=True, name=name)
+    thread.start()
+    try:
+        while (got := q.get()) is not done:
+            if isinstance(got, BaseException):
+                raise got
+            yield got
+            del got
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)

@@ -18,7 +18,7 @@ from actcache.read._plan import (
     rows_per_block,
     token_plans,
 )
-from actcache.read._prefetch import prefetch
+from actcache.read._prefetch import prefetch, prefetch_iter
 from actcache.schemas import store as layout
 
 if TYPE_CHECKING:
@@ -112,6 +112,27 @@ class StoreReader:
             return Block(plan.rows, plan.positions, out[0])
 
         yield from prefetch(plans, read, max(len(p) for p in plans) * hidden)
+
+    def stored(self, index: int, pooling: str, rows: RowsLike = None
+               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(store rows, values as stored) of layer ``index``, a read at a time (at most
+        ``MERGE_BYTES``), physical order, the next read fetched while the caller works.
+
+        For a consumer that widens a slice at a time right before using it (top-k,
+        nearest): the float32 values then live in the CPU's cache, not in a block written
+        to memory and read back, which measured the larger part of a search's time.
+        """
+        positions = self.positions(rows) if rows is None else distinct(self.positions(rows))
+        plans = self.plans(pooling, positions)
+
+        def pieces() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for plan in plans:
+                for key, read, parts in self.fetcher.merged(plan, index):
+                    raw = next(self.fetcher.fetch_merged([(key, read, parts)]))
+                    assert isinstance(read.dest, slice)  # pooled plans in physical order
+                    yield plan.rows[read.dest], raw
+
+        yield from prefetch_iter(pieces())
 
     def read_into(self, layers: Sequence[int], pooling: str, positions: np.ndarray,
                   out: np.ndarray) -> None:

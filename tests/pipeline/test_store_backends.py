@@ -104,11 +104,13 @@ class StoreBackendTests:
     by overriding the class-scoped ``backend_url`` fixture (a name → URL function)."""
 
     @pytest.fixture(scope="class")
-    def backend_url(self) -> Callable[[str], str]:
+    @classmethod
+    def backend_url(cls) -> Callable[[str], str]:
         raise NotImplementedError
 
     @pytest.fixture(scope="class", params=DTYPES)
-    def written(self, request: pytest.FixtureRequest,
+    @classmethod
+    def written(cls, request: pytest.FixtureRequest,
                 backend_url: Callable[[str], str]) -> Written:
         return _write(backend_url(f"{request.param}.zarr"), request.param)
 
@@ -282,14 +284,16 @@ class StoreBackendTests:
 
 class TestLocalFolder(StoreBackendTests):
     @pytest.fixture(scope="class")
-    def backend_url(self, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], str]:
+    @classmethod
+    def backend_url(cls, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], str]:
         root = tmp_path_factory.mktemp("stores")
         return lambda name: str(root / name)
 
 
 class TestMemory(StoreBackendTests):
     @pytest.fixture(scope="class")
-    def backend_url(self) -> Callable[[str], str]:
+    @classmethod
+    def backend_url(cls) -> Callable[[str], str]:
         # memory:// is one filesystem per process: a fresh prefix keeps classes apart.
         prefix = f"memory://store-backends-{uuid.uuid4().hex[:8]}"
         return lambda name: f"{prefix}/{name}"
@@ -298,7 +302,8 @@ class TestMemory(StoreBackendTests):
 @pytest.mark.s3
 class TestS3(StoreBackendTests):
     @pytest.fixture(scope="class")
-    def backend_url(self, s3_server: str) -> Iterator[Callable[[str], str]]:
+    @classmethod
+    def backend_url(cls, s3_server: str) -> Iterator[Callable[[str], str]]:
         # As conftest's s3_bucket, for the whole class: each store is written once.
         import boto3
         import s3fs
