@@ -391,7 +391,7 @@ class BlockSource:
             return
         size = len(self.data.layers) * self.block_rows * self.data.hidden
         yield from prefetch([self._spans[i] for i in order],
-                            lambda span, buffer: self._read(*span, buffer=buffer), size,
+                            lambda span, buffer: self._read(span[0], span[1], buffer), size,
                             name="actcache-probe-prefetch")
 
 
