@@ -18,14 +18,16 @@ _LAZY = {
     "load_job": "actcache.driver",
     "train_probes": "actcache.probes",
     "TokenLoader": "actcache.loader",
+    "compare": "actcache.similarity.api",
 }
 
 if TYPE_CHECKING:
     from actcache.driver import load_job, run_job
     from actcache.loader import TokenLoader
+    from actcache.similarity.api import compare
     from actcache.store import Store, open_store
 
-__all__ = ["Store", "TokenLoader", "__version__", "load_job", "open_store", "run_job", "train_probes"]
+__all__ = ["Store", "TokenLoader", "__version__", "compare", "load_job", "open_store", "run_job", "train_probes"]
 
 
 def __getattr__(name: str) -> Any:

@@ -21,6 +21,7 @@ from actcache.ops import cli as ops_cli
 from actcache.probes import cli as probes_cli
 from actcache.query import cli as query_cli
 from actcache.schemas.errors import UserError
+from actcache.similarity import cli as compare_cli
 
 app = typer.Typer(
     name="actcache",
@@ -99,6 +100,7 @@ def info(
 # imports wait inside each command), so registering them keeps `--help` instant.
 app.command("probe")(probes_cli.probe_command)
 app.command("query")(query_cli.query_command)
+app.command("compare")(compare_cli.compare_command)
 ops_cli.register(app)
 
 

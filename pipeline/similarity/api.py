@@ -1,0 +1,247 @@
+"""``actcache.similarity``: similarity of every layer of one store with every layer of
+another (or of the same store), on the rows both hold, aligned by id.
+
+CKA is exact and streamed: every pair of layers needs only float64 sums over rows
+(``_moments``), so one pass over the aligned rows gives all pairs whose sums fit in
+``max_memory``; when they do not, the layers are cut into groups and each pair of groups
+takes one pass (``plan_passes``). mutual-knn holds one layer's rows at a time in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from actcache.schemas.errors import ConfigError
+from actcache.similarity import _knn, _moments
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from actcache.store import Store
+
+METRICS = ("cka", "cka-debiased", "mutual-knn")
+COLUMNS = ["store_a", "layer_a", "store_b", "layer_b", "metric", "value", "n_rows"]
+DEFAULT_MAX_MEMORY = 2 * 10**9
+"""Bytes for sums and blocks when none is given: all pairs of a 13-layer, 768-wide model
+against another fit in one pass (about 0.7 GB of float64 cross products)."""
+MAX_BLOCK_BYTES = 32 * 2**20
+BYTES_PER_VALUE = 28
+"""Per value of a block: float32 twice (the block and the one prefetched behind it),
+float64 twice (the widened copy and the shifted one)."""
+
+
+@dataclass(frozen=True)
+class Feature:
+    side: str  # "a" or "b"
+    layer: int
+    width: int
+
+
+@dataclass
+class _Sides:
+    stores: dict[str, Store]
+    poolings: dict[str, str]
+    rows: dict[str, np.ndarray]  # aligned store positions; rows["a"][i] ~ rows["b"][i]
+
+    def other_of(self, driver: str) -> np.ndarray:
+        """Map from the driver's store positions to the other store's aligned positions."""
+        other = "b" if driver == "a" else "a"
+        out = np.full(self.stores[driver].n_rows, -1, dtype=np.int64)
+        out[self.rows[driver]] = self.rows[other]
+        return out
+
+
+def compare(a: Store | str, b: Store | str | None = None, metric: str = "cka",
+            layers_a: Sequence[int] | None = None, layers_b: Sequence[int] | None = None,
+            pooling: str | None = None, max_memory: int | str | None = None, *,
+            k: int = 10, sample: int | None = None, seed: int = 0,
+            block_bytes: int | None = None) -> pd.DataFrame:
+    """Similarity of each layer of ``a`` with each layer of ``b`` (``a`` itself when
+    ``b`` is None) on the rows whose ids both hold.
+
+    Columns: ``store_a, layer_a, store_b, layer_b, metric, value, n_rows``; layers are the
+    models' hidden-state indices. ``metric``: ``cka`` (linear, centred features),
+    ``cka-debiased`` (each HSIC by Song et al.'s unbiased estimator) or ``mutual-knn``
+    (Huh et al. 2024, ``k`` neighbours, on ``sample`` rows drawn with ``seed``; all rows
+    by default). ``max_memory`` bounds the sums and blocks held (bytes or "512MB").
+    """
+    import pandas as pd
+
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    budget = _budget(max_memory)
+    sides = _align(_open(a), None if b is None else _open(b), pooling)
+    feats = _features(sides, layers_a, "a") + ([] if b is None else _features(sides, layers_b, "b"))
+    left = [f for f in feats if f.side == "a"]
+    right = [f for f in feats if f.side == "b"] or (
+        left if layers_b is None else _features(sides, layers_b, "a"))
+    if b is None:  # one store: a layer asked for on both sides is read once
+        feats = list(dict.fromkeys(left + right))
+    n = len(sides.rows["a"])
+    if metric == "mutual-knn":
+        values, n = _knn_values(sides, feats, left, right, k, sample, seed, budget)
+    else:
+        if metric == "cka-debiased" and n < 4:
+            raise ConfigError(f"cka-debiased needs at least 4 shared rows; the stores share {n}")
+        values = _cka_values(sides, feats, left, right, metric, budget, block_bytes)
+    urls = {s: st.url for s, st in sides.stores.items()}
+    records = [(urls["a"], fa.layer, urls.get("b", urls["a"]), fb.layer, metric,
+                values[fa, fb], n) for fa in left for fb in right]
+    return pd.DataFrame.from_records(records, columns=COLUMNS)
+
+
+def _open(store: Store | str) -> Store:
+    from actcache.store import open_store
+
+    return open_store(store) if isinstance(store, str) else store
+
+
+def _budget(max_memory: int | str | None) -> int:
+    if max_memory is None:
+        return DEFAULT_MAX_MEMORY
+    from actcache.schemas.probe import parse_bytes
+
+    try:
+        return parse_bytes(max_memory)
+    except ValueError as e:
+        raise ConfigError(f"--max-memory: {e}") from None
+
+
+def _align(a: Store, b: Store | None, pooling: str | None) -> _Sides:
+    stores = {"a": a} if b is None else {"a": a, "b": b}
+    poolings = {s: st.resolve_pooling(pooling) for s, st in stores.items()}
+    if "tokens" in poolings.values():
+        raise ConfigError("compare aligns rows by id, not tokens: give a pooled --pooling "
+                          f"(stored: {', '.join(p for p in a.poolings if p != 'tokens')})")
+    if b is None:
+        return _Sides(stores, poolings, {"a": np.arange(a.n_rows, dtype=np.int64)})
+    in_b = set(b.ids)
+    shared = [i for i in a.ids if i in in_b]  # in A's order; any order gives the same sums
+    if not shared:
+        raise ConfigError(
+            f"no id is in both stores ({a.url} has {a.n_rows} rows, e.g. {a.ids[:2]}; "
+            f"{b.url} has {b.n_rows}, e.g. {b.ids[:2]}): compare needs stores of the same inputs")
+    return _Sides(stores, poolings, {"a": a.rows_for_ids(shared), "b": b.rows_for_ids(shared)})
+
+
+def _features(sides: _Sides, layers: Sequence[int] | None, side: str) -> list[Feature]:
+    store = sides.stores[side]
+    chosen = store.layers if layers is None else [store.resolve_layer(x) for x in layers]
+    return [Feature(side, int(x), store.hidden_size) for x in dict.fromkeys(chosen)]
+
+
+def plan_passes(feats: Sequence[Feature], pairs: Sequence[tuple[int, int]],
+                budget: int) -> list[list[tuple[int, int]]] | None:
+    """Pairs of feature indices grouped into passes whose sums fit ``budget`` (None when
+    not even one pair does).
+
+    The features are cut into contiguous groups of g (the largest g that fits); a pass
+    takes every pair between two groups (or within one), so each feature is read once per
+    pass it appears in and each pair is summed exactly once.
+    """
+    for g in range(len(feats), 0, -1):
+        passes: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for u, v in pairs:
+            key = (min(u // g, v // g), max(u // g, v // g))
+            passes.setdefault(key, []).append((u, v))
+        cost = max(sum(_moments.pair_bytes(feats[u].width, feats[v].width) for u, v in p)
+                   for p in passes.values())
+        if cost <= budget:
+            return list(passes.values())
+    return None
+
+
+def _cka_values(sides: _Sides, feats: list[Feature], left: list[Feature],
+                right: list[Feature], metric: str, budget: int,
+                block_bytes: int | None) -> dict[tuple[Feature, Feature], float]:
+    at = {f: i for i, f in enumerate(feats)}
+    wanted = {tuple(sorted((at[x], at[y]))) for x in left for y in right}
+    pairs = sorted(wanted | {(i, i) for i in range(len(feats))})
+    sums: dict[tuple[int, int], _moments.PairSums] = {}
+    # Three quarters of the budget for the sums, the rest for the blocks of a pass.
+    passes = plan_passes(feats, pairs, budget * 3 // 4)
+    if passes is None:
+        need = max(_moments.pair_bytes(feats[u].width, feats[v].width) for u, v in pairs)
+        raise ConfigError(
+            f"--max-memory of {budget} bytes holds not even one pair of layers' sums "
+            f"({need} bytes, float64, for the widest pair): give at least {-(-need * 4 // 3)}")
+    for group in passes:
+        used = sorted({f for p in group for f in p})
+        blocks = _aligned_blocks(sides, [feats[f] for f in used], budget // 4, block_bytes)
+        local = {f: i for i, f in enumerate(used)}
+        got = _moments.accumulate(blocks, [feats[f].width for f in used],
+                                  [(local[u], local[v]) for u, v in group])
+        sums.update({(u, v): got[local[u], local[v]] for u, v in group})
+    score = _moments.cka if metric == "cka" else _moments.cka_debiased
+    out = {}
+    for x in left:
+        for y in right:
+            u, v = sorted((at[x], at[y]))
+            out[x, y] = score(sums[u, v], sums[u, u], sums[v, v])
+    return out
+
+
+def _aligned_blocks(sides: _Sides, used: list[Feature], budget: int,
+                    block_bytes: int | None) -> Iterator[list[np.ndarray]]:
+    """Per block of aligned rows, one array per feature in ``used``, rows matched by id.
+
+    The driver store (a, unless the pass reads only b) is read in physical order with
+    ``blocks``, one iterator per layer (same rows, so the same cut into blocks, checked);
+    the other store's values for exactly those rows come from ``read`` with the matching
+    positions. Every aligned row is thus summed once, each with its own counterpart, and
+    sums do not depend on the order of rows: the result is the in-memory one.
+    """
+    driver = "a" if any(f.side == "a" for f in used) else "b"
+    store, pooling = sides.stores[driver], sides.poolings[driver]
+    mine = [f for f in used if f.side == driver]
+    if block_bytes is None:
+        rows = max(1, budget // (BYTES_PER_VALUE * sum(f.width for f in used)))
+        block_bytes = min(MAX_BLOCK_BYTES, rows * store.hidden_size * 4)
+    iters = [store.blocks(f.layer, pooling, rows=sides.rows[driver], block_bytes=block_bytes)
+             for f in mine]
+    other = sides.other_of(driver) if len(mine) < len(used) else None
+    for group in zip(*iters, strict=True):
+        rows = group[0].rows
+        if any(not np.array_equal(g.rows, rows) for g in group[1:]):
+            raise RuntimeError("the layers of one store were cut into different blocks")
+        by_feature = dict(zip(mine, (g.values for g in group), strict=True))
+        out = []
+        for f in used:
+            if f in by_feature:
+                out.append(by_feature[f])
+            else:
+                assert other is not None
+                o = "b" if driver == "a" else "a"
+                out.append(sides.stores[o].read(f.layer, sides.poolings[o], rows=other[rows]))
+        yield out
+
+
+def _knn_values(sides: _Sides, feats: list[Feature], left: list[Feature],
+                right: list[Feature], k: int, sample: int | None, seed: int,
+                budget: int) -> tuple[dict[tuple[Feature, Feature], float], int]:
+    n = len(sides.rows["a"])
+    chosen = np.arange(n)
+    if sample is not None:
+        if sample < 1:
+            raise ConfigError(f"--sample must be at least 1, not {sample}")
+        if sample < n:
+            chosen = np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
+    m = len(chosen)
+    if not 1 <= k < m:
+        raise ConfigError(f"mutual-knn with k={k} needs more than k rows; the sample has {m}")
+    need = _knn.knn_bytes(m, max(f.width for f in feats), k, len(feats))
+    if need > budget:
+        raise ConfigError(
+            f"mutual-knn over {m} rows needs {-(-need // 2**20)}MiB in memory: raise "
+            f"--max-memory to that or draw fewer rows with --sample")
+    knn: dict[Feature, np.ndarray] = {}
+    for f in feats:
+        rows = sides.rows[f.side][chosen]
+        values = sides.stores[f.side].read(f.layer, sides.poolings[f.side], rows=rows)
+        knn[f] = _knn.nearest_neighbours(values, k)
+    return {(x, y): _knn.mutual_knn(knn[x], knn[y]) for x in left for y in right}, m
+
