@@ -1,8 +1,9 @@
 """Fetching stored values: the arrays, their codecs, concurrency, and errors naming units.
 
-Local stores decode through zarrs, the Rust codec pipeline for zarr-python: it reads
-every layout actcache has written (compressed token shards included), checks the crc32c
-of every chunk, and measured 3-4x zarr-python's own pipeline on whole-shard reads
+Local stores read raw shards (the layout actcache writes for activations) straight from
+their files (``_shards``), and decode any other layout (format 2's compressed token
+shards, format 1) through zarrs, the Rust codec pipeline for zarr-python: it checks the
+crc32c of every chunk and measured 2x zarr-python's own pipeline on whole-shard reads
 (benchmarks/bench_read.py). Other stores (S3, ``memory://``) use zarr-python's pipeline,
 with ``IN_FLIGHT`` reads of a block outstanding at once, so that a pass over an object
 store is bound by the endpoint rather than by one request at a time.
@@ -16,15 +17,18 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from actcache.read._plan import Plan, Read
+from actcache.read._shards import ChecksumMismatch, ShardFiles
 from actcache.schemas import store as layout
 from actcache.schemas.errors import StoreCorruptError
+
+T = TypeVar("T")
 
 #: Reads of one block in flight at once on a remote store.
 IN_FLIGHT = 16
@@ -61,6 +65,7 @@ class Fetcher:
         self._listed: dict[str, frozenset[str]] = {}
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self._direct: dict[str, ShardFiles | None] = {}
         self.fast = local and _zarrs_available()
 
     # -- arrays ---------------------------------------------------------------------
@@ -135,22 +140,47 @@ class Fetcher:
             return values[read.take + (read.lo - lo)]
         return values if (lo, hi) == (read.lo, read.hi) else values[read.lo - lo:read.hi - lo]
 
-    def fetch_each(self, jobs: Sequence[tuple[str, Read]]) -> Iterator[np.ndarray]:
+    def fetch_parts(self, key: str, read: Read) -> list[tuple[int, np.ndarray]]:
+        """The values of ``read`` as stored, in parts: (offset in the read, values). Local
+        raw shards are read from their files (``ShardFiles``), anything else by ``fetch``."""
+        if self.local and read.take is None and read.hi > read.lo:
+            files = self._files(key, read.unit)
+            # Whole shards only pay for reads of many rows: a few rows (a lookup by id)
+            # read just their chunks through zarrs.
+            if files is not None and read.hi - read.lo >= files.shard // 2:
+                try:
+                    return files.parts(read.lo, read.hi)
+                except (FileNotFoundError, ChecksumMismatch) as e:
+                    raise self._corrupt(key, read.unit) from e
+        return [(0, self.fetch(key, read))]
+
+    def _files(self, key: str, unit: int) -> ShardFiles | None:
+        if key not in self._direct:
+            from actcache.workers.storage import local_path
+
+            found = ShardFiles.of(self.array(key, unit), local_path(self.url))
+            with self._lock:
+                self._direct[key] = found
+        return self._direct[key]
+
+    def fetch_each(self, jobs: Sequence[tuple[str, Read]],
+                   fetch: Callable[[str, Read], T] | None = None) -> Iterator[T]:
         """``fetch`` of each (key, read), in order, fetched ahead of the caller: on a remote
         store ``IN_FLIGHT`` at once; locally one (zarrs decodes a read's chunks on every
         core already, and one read ahead lets the decode of the next overlap the widening
         of this one: measured 1.6x on a pass), so at most two reads' values exist."""
+        get = fetch or self.fetch  # type: ignore[assignment]
         if len(jobs) < 2:
             for job in jobs:
-                yield self.fetch(*job)
+                yield get(*job)
             return
         window = LOCAL_AHEAD if self.local else IN_FLIGHT
         if self._pool is None:
             self._pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="actcache-fetch")
-        pending: deque[Future[np.ndarray]] = deque()
+        pending: deque[Future[T]] = deque()
         try:
             for job in jobs:
-                pending.append(self._pool.submit(self.fetch, *job))
+                pending.append(self._pool.submit(get, *job))
                 if len(pending) >= window:
                     yield pending.popleft().result()
             while pending:
@@ -169,23 +199,27 @@ class Fetcher:
             for key, read, parts in self.merged(plan, layer):
                 jobs.append((key, read, parts))
                 targets.append((i, read))
-        for (i, read), raw in zip(targets, self.fetch_merged(jobs), strict=True):
+        for (i, read), parts in zip(targets, self.fetch_merged(jobs), strict=True):
             if isinstance(read.dest, slice):
-                widen(raw, dtype, out[i, read.dest])
+                for offset, raw in parts:
+                    at = read.dest.start + offset
+                    widen(raw, dtype, out[i, at:at + len(raw)])
             else:
+                raw = parts[0][1] if len(parts) == 1 else np.concatenate([v for _, v in parts])
                 out[i, read.dest] = decode(raw, dtype)
-            del raw  # before the next read: one read's stored values at a time
+            del parts  # before the next read: its stored values go now
 
-    def fetch_merged(self, jobs: list[tuple[str, Read, list[Read]]]) -> Iterator[np.ndarray]:
-        """``fetch_each`` of merged reads; a merged read that fails is read again part by
-        part, so that the error names the unit it is in."""
-        values = self.fetch_each([(key, read) for key, read, _ in jobs])
+    def fetch_merged(self, jobs: list[tuple[str, Read, list[Read]]]
+                     ) -> Iterator[list[tuple[int, np.ndarray]]]:
+        """``fetch_parts`` of merged reads, fetched ahead; a merged read that fails is read
+        again part by part, so that the error names the unit it is in."""
+        values = self.fetch_each([(key, read) for key, read, _ in jobs], self.fetch_parts)
         for key, _, parts in jobs:
             try:
                 yield next(values)
             except StoreCorruptError:
                 for part in parts:
-                    self.fetch(key, part)
+                    self.fetch_parts(key, part)
                 raise
 
     def merged(self, plan: Plan, layer: int) -> list[tuple[str, Read, list[Read]]]:

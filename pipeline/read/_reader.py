@@ -127,10 +127,13 @@ class StoreReader:
 
         def pieces() -> Iterator[tuple[np.ndarray, np.ndarray]]:
             for plan in plans:
-                for key, read, parts in self.fetcher.merged(plan, index):
-                    raw = next(self.fetcher.fetch_merged([(key, read, parts)]))
+                jobs = self.fetcher.merged(plan, index)
+                for (_, read, _), parts in zip(jobs, self.fetcher.fetch_merged(jobs),
+                                               strict=True):
                     assert isinstance(read.dest, slice)  # pooled plans in physical order
-                    yield plan.rows[read.dest], raw
+                    for offset, raw in parts:
+                        at = read.dest.start + offset
+                        yield plan.rows[at:at + len(raw)], raw
 
         yield from prefetch_iter(pieces())
 
