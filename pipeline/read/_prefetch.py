@@ -1,4 +1,4 @@
-"""Reading the next block while the caller works on this one, in a ring of buffers."""
+"""Reading the next block while the caller works on this one."""
 
 from __future__ import annotations
 
@@ -12,71 +12,42 @@ import numpy as np
 T = TypeVar("T")
 R = TypeVar("R")
 
-#: Blocks in existence at once: the caller's and the one read behind it.
+#: Items in existence at once: the caller's and the one read behind it.
 PREFETCH = 2
 
 
 def prefetch(items: Sequence[T], read: Callable[[T, np.ndarray], R], buffer_size: int,
              name: str = "actcache-read") -> Iterator[R]:
     """``read(item, buffer)`` of each item, each read on a thread while the caller works
-    on the one before.
+    on the one before, into a ring of ``PREFETCH`` flat float32 buffers of
+    ``buffer_size`` values: so many blocks exist whatever the caller keeps referencing (a
+    buffer is reused once the caller has asked for the block after the one it held; a
+    caller must not keep a block past its iteration)."""
+    ring = [np.empty(buffer_size, dtype=np.float32) for _ in range(min(PREFETCH, len(items)))]
+    return run_ahead((read(item, ring[i % PREFETCH]) for i, item in enumerate(items)), name)
 
-    Blocks are read into a ring of ``PREFETCH`` flat float32 buffers of ``buffer_size``
-    values, so that many exist whatever the caller keeps referencing: a buffer is reused
-    once the caller has asked for the block after the one it held (a caller must not keep
-    a block past its iteration). An error in the reading thread is raised in the caller.
-    """
+
+def run_ahead(items: Iterator[T], name: str = "actcache-read") -> Iterator[T]:
+    """The items of ``items``, produced on a thread while the caller works: the producer
+    takes the next only when fewer than ``PREFETCH`` exist, counting the caller's (which it
+    gives back by asking for the next). An error in the producer is raised in the caller."""
     q: queue.Queue[Any] = queue.Queue()
     stop = threading.Event()
     slots = threading.Semaphore(PREFETCH)
-    ring = [np.empty(buffer_size, dtype=np.float32) for _ in range(min(PREFETCH, len(items)))]
+    done = object()
 
     def work() -> None:
         try:
-            for i, item in enumerate(items):
+            while True:
                 while not slots.acquire(timeout=0.05):
                     if stop.is_set():
                         return
                 if stop.is_set():
                     return
-                q.put(read(item, ring[i % PREFETCH]))
-            q.put(None)
-        except BaseException as exc:  # handed to the consumer, re-raised there
-            q.put(exc)
-
-    thread = threading.Thread(target=work, daemon=True, name=name)
-    thread.start()
-    try:
-        while (got := q.get()) is not None:
-            if isinstance(got, BaseException):
-                raise got
-            yield got
-            del got
-            slots.release()
-    finally:
-        stop.set()
-        thread.join()
-
-
-def prefetch_iter(items: Iterator[T], name: str = "actcache-read") -> Iterator[T]:
-    """The items of ``items``, the next one produced on a thread while the caller works on
-    this one (at most two exist at once, besides the caller's)."""
-    q: queue.Queue[Any] = queue.Queue(maxsize=1)
-    stop = threading.Event()
-    done = object()
-
-    def work() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.05)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                item = next(items, done)
+                q.put(item)
+                if item is done:
                     return
-            q.put(done)
         except BaseException as exc:  # handed to the consumer, re-raised there
             q.put(exc)
 
@@ -88,11 +59,7 @@ def prefetch_iter(items: Iterator[T], name: str = "actcache-read") -> Iterator[T
                 raise got
             yield got
             del got
+            slots.release()
     finally:
         stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                pass
-            thread.join(timeout=0.05)
+        thread.join()

@@ -18,7 +18,7 @@ from actcache.read._plan import (
     rows_per_block,
     token_plans,
 )
-from actcache.read._prefetch import prefetch, prefetch_iter
+from actcache.read._prefetch import prefetch, run_ahead
 from actcache.schemas import store as layout
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ class StoreReader:
                         at = read.dest.start + offset
                         yield plan.rows[at:at + len(raw)], raw
 
-        yield from prefetch_iter(pieces())
+        yield from run_ahead(pieces())
 
     def read_into(self, layers: Sequence[int], pooling: str, positions: np.ndarray,
                   out: np.ndarray) -> None:
