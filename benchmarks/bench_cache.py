@@ -61,7 +61,7 @@ def timed(cmd: list[str]) -> tuple[float, str]:
 
 def units_timer(worker: Any, tasks: list[Any]) -> Callable[[], float]:
     """Seconds for the caching worker to process ``tasks`` one call at a time, as a CPU
-    actor runs them (see actcache.pool)."""
+    actor runs them (see actcache.cache.pool)."""
     def run() -> float:
         started = time.perf_counter()
         for task in tasks:
@@ -76,8 +76,8 @@ def in_process(inputs: Path, folder: Path, batch: int, rows_per_unit: int, repea
     """(bare sorted loop, caching worker, self-check) seconds, all with the model loaded."""
     import torch
 
-    from actcache.driver import parse_job
-    from actcache.wiring import in_process_worker
+    from actcache.cache.driver import parse_job
+    from actcache.cache.wiring import in_process_worker
 
     job = parse_job({"model": MODEL, "inputs": str(inputs), "store": str(folder / "inproc.zarr"),
                      "id_column": "id", "batch_size": batch, "rows_per_unit": rows_per_unit})
@@ -121,8 +121,8 @@ def images_in_process(folder: Path, batch: int, rows_per_unit: int, repeats: int
     sys.path.insert(0, str(ROOT / "examples"))
     from make_digits import digits_table, tiny_vit
 
-    from actcache.driver import parse_job
-    from actcache.wiring import in_process_worker
+    from actcache.cache.driver import parse_job
+    from actcache.cache.wiring import in_process_worker
 
     table, model_dir = folder / "digits.parquet", folder / "tiny-vit"
     n = digits_table(table)

@@ -82,8 +82,8 @@ def make_inputs(folder: Path, rows: int, seq_len: int) -> Path:
 
 
 def prepare_worker(folder: Path, inputs: Path, batch: int, seq_len: int) -> tuple[Any, Any]:
-    from actcache.driver import parse_job
-    from actcache.wiring import in_process_worker
+    from actcache.cache.driver import parse_job
+    from actcache.cache.wiring import in_process_worker
 
     job = parse_job({"model": str(folder / "model"), "inputs": str(inputs), "id_column": "id",
                      "store": str(folder / "store.zarr"), "dtype": "bfloat16",

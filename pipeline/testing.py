@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from actcache import __version__
-from actcache.create import CODEC, chunk_rows_for, create_store, grow, mark_valid
+from actcache.cache.create import CODEC, chunk_rows_for, create_store, grow, mark_valid
 from actcache.schemas import store as layout
 from actcache.schemas.errors import ConfigError
 from actcache.schemas.store import Manifest, ModelInfo, UnitTask

@@ -1,5 +1,5 @@
 """Tiny models of many architecture families, built from their configs and saved with a
-tokenizer, so the real loading code runs on each (see tests/pipeline/test_families.py)."""
+tokenizer, so the real loading code runs on each (see tests/pipeline/cache/test_families.py)."""
 
 from __future__ import annotations
 

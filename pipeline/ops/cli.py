@@ -130,7 +130,7 @@ def schedule_command(
     log: Annotated[Path | None, typer.Option("--log", help="Where cron appends the output.")] = None,
 ) -> None:
     """Run a job on a schedule: a crontab line (printed or installed) or Kubernetes YAML."""
-    from actcache.driver import load_job
+    from actcache.cache.driver import load_job
     from actcache.ops import schedule as cron_ops
     from actcache.ops.submit import local_paths, resolve_address, shipped_job
 

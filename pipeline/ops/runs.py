@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actcache.lease import Lease
+from actcache.cache.lease import Lease
 from actcache.store import open_store
 
 COLUMNS = ("run_id", "status", "started", "ended", "added", "updated", "meta", "skipped",

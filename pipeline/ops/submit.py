@@ -110,7 +110,7 @@ def shipped_job(job: JobConfig, gpus_per_worker: float | None = None) -> dict[st
         if gpus_per_worker <= 0:
             raise ConfigError(f"--gpus-per-worker must be positive, got {gpus_per_worker}")
         raw["gpus_per_worker"] = gpus_per_worker
-        from actcache.driver import parse_job
+        from actcache.cache.driver import parse_job
 
         parse_job(raw, "--gpus-per-worker")
     return raw
@@ -187,7 +187,7 @@ def submit(
     echo: Echo = print,
 ) -> tuple[Any, str]:
     """Submit the job at ``job_path``; returns (client, job id)."""
-    from actcache.driver import load_job
+    from actcache.cache.driver import load_job
 
     job = load_job(job_path)
     jobs = client(address)

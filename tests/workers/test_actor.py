@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from actcache import open_store
-from actcache.driver import parse_job
+from actcache.cache.driver import parse_job
+from actcache.cache.wiring import in_process_worker
 from actcache.schemas.errors import OverflowStorageError
-from actcache.wiring import in_process_worker
 from tests.conftest import SENTENCES
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from actcache import open_store
-from actcache.driver import parse_job, run_job
+from actcache.cache.driver import parse_job, run_job
 from actcache.schemas.job import JobConfig
 from actcache.workers.adapters import TextAdapter
 from actcache.workers.capture import Capture

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from actcache.driver import parse_job, run_job
+from actcache.cache.driver import parse_job, run_job
 from actcache.workers.selfcheck import pick_inputs, tolerance
 from tests.conftest import SENTENCES
 
