@@ -159,7 +159,7 @@ def _cka_values(sides: _Sides, feats: list[Feature], left: list[Feature],
                 right: list[Feature], metric: str, budget: int,
                 block_bytes: int | None) -> dict[tuple[Feature, Feature], float]:
     at = {f: i for i, f in enumerate(feats)}
-    wanted = {tuple(sorted((at[x], at[y]))) for x in left for y in right}
+    wanted = {(min(at[x], at[y]), max(at[x], at[y])) for x in left for y in right}
     pairs = sorted(wanted | {(i, i) for i in range(len(feats))})
     sums: dict[tuple[int, int], _moments.PairSums] = {}
     # Three quarters of the budget for the sums, the rest for the blocks of a pass.
