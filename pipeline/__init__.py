@@ -14,15 +14,15 @@ __version__ = "0.1.0"
 _LAZY = {
     "open_store": "actcache.store",
     "Store": "actcache.store",
-    "run_job": "actcache.driver",
-    "load_job": "actcache.driver",
+    "run_job": "actcache.cache.driver",
+    "load_job": "actcache.cache.driver",
     "train_probes": "actcache.probes",
     "TokenLoader": "actcache.loader",
     "compare": "actcache.similarity.api",
 }
 
 if TYPE_CHECKING:
-    from actcache.driver import load_job, run_job
+    from actcache.cache.driver import load_job, run_job
     from actcache.loader import TokenLoader
     from actcache.similarity.api import compare
     from actcache.store import Store, open_store

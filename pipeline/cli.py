@@ -67,7 +67,7 @@ def cache(
     ] = False,
 ) -> None:
     """Cache the hidden states a job asks for into its store (resumes and appends)."""
-    from actcache.driver import load_job, run_job
+    from actcache.cache.driver import load_job, run_job
     from actcache.schemas.errors import RunInterrupted
 
     try:
@@ -91,7 +91,7 @@ def info(
 
     typer.echo(describe(store))
     if verify:
-        from actcache.verify import verify as check
+        from actcache.cache.verify import verify as check
 
         typer.echo(check(store))
 
