@@ -29,6 +29,9 @@ CONCURRENT_PIECES = 4
 #: chunks keep that overhead near a quarter while a window still holds many pieces.
 CHUNKS_PER_PIECE = 4
 
+#: numpy dtype of each storage dtype's values as zarr holds them.
+STORED = {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}
+
 
 class Pieces:
     """The selected rows of one store as pieces, and which of each piece's values are kept
@@ -80,23 +83,44 @@ class Pieces:
             return np.zeros(len(plan), np.int32)
         return plan.positions
 
+    @property
+    def stored_dtype(self) -> np.dtype:
+        """The numpy dtype of the stored values (bfloat16 as its uint16 bits)."""
+        return np.dtype(STORED[self.store.dtype])
+
     def read(self, pieces: Sequence[int], out: np.ndarray) -> None:
-        """The values of ``pieces`` (all layers) into ``out`` (``(layers, n, hidden)``
-        float32), one after another from index 0; several pieces in flight at once."""
-        fetcher, dtype = self.store.reader.fetcher, self.store.dtype
+        """The stored values of ``pieces`` (all layers) into ``out`` (``(layers, n, hidden)``
+        of ``stored_dtype``), one after another from index 0; several pieces in flight.
+
+        Kept as stored, not widened: a buffer of stored values is half the memory of a
+        float32 one, and the copies into and out of it move half the bytes; only the
+        drawn batch is widened (``widen``), exactly.
+        """
+        fetcher = self.store.reader.fetcher
         starts = np.concatenate([[0], np.cumsum(self.values[list(pieces)])]).astype(int)
 
-        def fill(i: int) -> None:
-            plan = self.plans[pieces[i]]
-            fetcher.fill(plan, self.layers, out[:, starts[i]:starts[i + 1]], dtype)
+        def fetch(i: int) -> None:
+            plan, part = self.plans[pieces[i]], out[:, starts[i]:starts[i + 1]]
+            jobs, targets = [], []
+            for j, layer in enumerate(self.layers):
+                for key, read, parts in fetcher.merged(plan, layer):
+                    jobs.append((key, read, parts))
+                    targets.append((j, read.dest))
+            for (j, dest), got in zip(targets, fetcher.fetch_merged(jobs), strict=True):
+                if isinstance(dest, slice):
+                    for offset, raw in got:
+                        part[j, dest.start + offset:dest.start + offset + len(raw)] = raw
+                else:
+                    part[j, dest] = np.concatenate([raw for _, raw in got])
+                del got  # before the next read: one read's stored values at a time
 
         if len(pieces) < 2:
             for i in range(len(pieces)):
-                fill(i)
+                fetch(i)
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(CONCURRENT_PIECES, thread_name_prefix="actcache-load")
-        for done in [self._pool.submit(fill, i) for i in range(len(pieces))]:
+        for done in [self._pool.submit(fetch, i) for i in range(len(pieces))]:
             done.result()  # an error of any piece is raised here, naming its unit
 
     def close(self) -> None:

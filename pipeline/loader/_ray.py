@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from actcache.loader._pieces import Pieces
+from actcache.read import decode
 from actcache.store import Store, open_store
 
 if TYPE_CHECKING:
@@ -41,10 +42,12 @@ def _read_pieces(spec: _Spec, chosen: Sequence[int]) -> Iterator[Any]:
     hidden = pieces.store.hidden_size
     try:
         for piece in chosen:
-            out = np.empty((len(spec.layers), int(pieces.values[piece]), hidden), np.float32)
+            out = np.empty((len(spec.layers), int(pieces.values[piece]), hidden),
+                           pieces.stored_dtype)
             pieces.read([piece], out)
             kept = pieces.kept(piece)
-            x = out[0, kept] if spec.single else np.ascontiguousarray(out[:, kept].transpose(1, 0, 2))
+            wide = decode(out[:, kept], pieces.store.dtype)
+            x = wide[0] if spec.single else np.ascontiguousarray(wide.transpose(1, 0, 2))
             yield BlockAccessor.batch_to_block({
                 "row": pieces.plans[piece].rows[kept],
                 "position": pieces.positions_of(piece)[kept],

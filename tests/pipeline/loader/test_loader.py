@@ -238,10 +238,14 @@ def test_memory_is_the_buffer_and_a_few_pieces_on_a_store_ten_times_the_buffer(
         tracemalloc.stop()
     assert count == total
     chunk = 4096 * hidden * 2  # a read decodes whole chunks at each end of a piece
-    bound = (buffer * hidden * 4 + CONCURRENT_PIECES * (piece * hidden * 2 + 2 * chunk)
-             + 2 * batch * hidden * 4 + 48 * buffer + 2**18)
+    # The buffer holds the values as stored (float16: 2 bytes); a batch exists as stored
+    # and widened, and the one before may still be referenced.
+    bound = (buffer * hidden * 2 + CONCURRENT_PIECES * (piece * hidden * 2 + 2 * chunk)
+             + 2 * batch * hidden * (2 + 4) + 48 * buffer + 2**18)
+    print(f"peak {peak / 2**20:.2f} MiB, bound {bound / 2**20:.2f} MiB, "
+          f"buffer {buffer * hidden * 2 / 2**20:.2f} MiB")
     assert peak <= bound, (peak, bound)
-    assert peak >= buffer * hidden * 4 * 0.9  # the buffer itself is what it costs
+    assert peak >= buffer * hidden * 2 * 0.9  # the buffer itself is what it costs
 
 
 BAD = [
