@@ -164,12 +164,11 @@ class Fetcher:
         return self._direct[key]
 
     def fetch_each(self, jobs: Sequence[tuple[str, Read]],
-                   fetch: Callable[[str, Read], T] | None = None) -> Iterator[T]:
-        """``fetch`` of each (key, read), in order, fetched ahead of the caller: on a remote
+                   get: Callable[[str, Read], T]) -> Iterator[T]:
+        """``get`` of each (key, read), in order, fetched ahead of the caller: on a remote
         store ``IN_FLIGHT`` at once; locally one (zarrs decodes a read's chunks on every
         core already, and one read ahead lets the decode of the next overlap the widening
         of this one: measured 1.6x on a pass), so at most two reads' values exist."""
-        get = fetch or self.fetch  # type: ignore[assignment]
         if len(jobs) < 2:
             for job in jobs:
                 yield get(*job)
@@ -180,7 +179,7 @@ class Fetcher:
         pending: deque[Future[T]] = deque()
         try:
             for job in jobs:
-                pending.append(self._pool.submit(get, *job))
+                pending.append(self._pool.submit(get, job[0], job[1]))
                 if len(pending) >= window:
                     yield pending.popleft().result()
             while pending:
@@ -194,20 +193,21 @@ class Fetcher:
         (``(len(layers), len(plan), hidden)`` float32)."""
         from actcache.read._convert import decode, widen
 
-        jobs, targets = [], []
+        jobs: list[tuple[str, Read, list[Read]]] = []
+        targets: list[tuple[int, Read]] = []
         for i, layer in enumerate(layers):
-            for key, read, parts in self.merged(plan, layer):
-                jobs.append((key, read, parts))
-                targets.append((i, read))
-        for (i, read), parts in zip(targets, self.fetch_merged(jobs), strict=True):
+            for job in self.merged(plan, layer):
+                jobs.append(job)
+                targets.append((i, job[1]))
+        for (i, read), got in zip(targets, self.fetch_merged(jobs), strict=True):
             if isinstance(read.dest, slice):
-                for offset, raw in parts:
+                for offset, raw in got:
                     at = read.dest.start + offset
                     widen(raw, dtype, out[i, at:at + len(raw)])
             else:
-                raw = parts[0][1] if len(parts) == 1 else np.concatenate([v for _, v in parts])
+                raw = got[0][1] if len(got) == 1 else np.concatenate([v for _, v in got])
                 out[i, read.dest] = decode(raw, dtype)
-            del parts  # before the next read: its stored values go now
+            del got  # before the next read: its stored values go now
 
     def fetch_merged(self, jobs: list[tuple[str, Read, list[Read]]]
                      ) -> Iterator[list[tuple[int, np.ndarray]]]:
