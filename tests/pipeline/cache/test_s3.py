@@ -36,7 +36,9 @@ def test_s3_store_equals_local_store(ray_local, tmp_path, tiny_bert, s3_bucket):
     plain = zarr.open_group(url, mode="r")
     raw_local = zarr.open_group(str(tmp_path / "local.zarr"), mode="r")
     assert plain.attrs["actcache"]["layers"] == [0, 3]
-    for key in ("mean/layer_3", "tokens/layer_0", "rows/ids", "rows/meta"):
+    units = [f"tokens/layer_0/{name}" for name, _ in raw_local["tokens/layer_0"].arrays()]
+    assert units  # format 3: one packed token array per unit
+    for key in ("mean/layer_3", *units, "rows/ids", "rows/meta"):
         np.testing.assert_array_equal(plain[key][:], raw_local[key][:])
     assert plain["mean/layer_3"].attrs["actcache.dtype"] == "bfloat16"
     # The lease was released and no secret reached the manifest.

@@ -123,7 +123,8 @@ def test_outputs_follow_the_umask(result, tmp_path):
 
 def test_console_script_writes_the_new_columns(store, tmp_path):
     done = subprocess.run([str(CONSOLE), "probe", store, "--label", "label", "--split-column",
-                           "split", "--out", str(tmp_path)], capture_output=True, text=True,
+                           "split", "--precision", "fp32", "--out", str(tmp_path)],
+                          capture_output=True, text=True,
                           check=False, env={**os.environ, "ACTCACHE_LOG_DIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     metrics = pd.read_csv(tmp_path / "metrics.csv")

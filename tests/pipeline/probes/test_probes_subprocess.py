@@ -63,7 +63,8 @@ def test_probe_process_writes_the_contract_outputs(store, tmp_path):
     assert (metrics["n_test"] == 100).all() and (metrics["n_train"] == 300).all()
     best = metrics.sort_values(["test_accuracy", "layer"], ascending=[False, True]).iloc[0]
     assert (f"best layer: {best.layer} ({best.probe}, test accuracy {best.test_accuracy:.3f}, "
-            f"selectivity {best.selectivity:.3f}); trained on cpu: logistic in fp32, ridge in "
+            f"selectivity {best.selectivity:.3f}); trained on cpu: logistic in fp32 (--precision "
+            f"fp32), ridge in "
             f"float64; wrote {out}") in proc.stdout
     assert "probes on 'label'" in proc.stdout and "train acc" in proc.stdout
     with safe_open(str(out / "probes.safetensors"), "np") as f:
