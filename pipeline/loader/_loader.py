@@ -207,7 +207,8 @@ class TokenLoader:
                 at = token - wins[w].start
                 while at < len(order):
                     if pending is None:
-                        pending = _Pending(self._size(batch), layers, hidden, values.dtype)
+                        pending = _Pending(self._size(batch), layers, hidden, values.dtype,
+                                           self._copies)
                     n = pending.take(values, order, rows, positions, at)
                     at += n
                     token += n
@@ -221,7 +222,7 @@ class TokenLoader:
         while batch < len(self):  # an empty last batch: fewer tokens left than ranks
             batch += 1
             self._done = batch
-            yield self._batch(_Pending(0, layers, hidden, self.pieces.stored_dtype))
+            yield self._batch(_Pending(0, layers, hidden, self.pieces.stored_dtype, False))
 
     def _read(self, wins: list[plan.Window], w: int, buffer: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -242,8 +243,16 @@ class TokenLoader:
         return (values, np.concatenate(index)[draw], np.concatenate(rows)[draw],
                 np.concatenate(positions)[draw])
 
+    @property
+    def _copies(self) -> bool:
+        """Whether ``_batch`` copies the stored values (to the GPU, or widening them), so
+        that a batch may borrow them from the buffer rather than copy them first."""
+        on_gpu = self.device is not None and self.device.type == "cuda"
+        return on_gpu or self.dtype != _TORCH_STORED[self.store.dtype]
+
     def _batch(self, pending: _Pending) -> Batch:
-        raw = pending.x if len(self.layers) > 1 else pending.x[:, 0]
+        raw = pending.whole if pending.whole is not None else (
+            pending.x if len(self.layers) > 1 else pending.x[:, 0])
         stored = self.store.dtype
         if self.device is not None and self.device.type == "cuda":
             # The stored values cross to the GPU (half the bytes of float32) from pinned
@@ -298,8 +307,14 @@ def _widen(values: np.ndarray, stored: str) -> np.ndarray:
 class _Pending:
     """A batch being filled, as stored, from one window after another."""
 
-    def __init__(self, size: int, layers: int, hidden: int, dtype: np.dtype) -> None:
-        self.x = np.empty((size, layers, hidden), dtype)
+    def __init__(self, size: int, layers: int, hidden: int, dtype: np.dtype,
+                 borrow: bool) -> None:
+        self.x = np.empty((size, layers, hidden), dtype)  # untouched pages cost nothing
+        self.borrow = borrow and layers == 1
+        self.whole: np.ndarray | None = None
+        """The whole batch as a slice of the window's buffer, when it is one in-order run:
+        widened from there, it skips a copy (valid until the caller asks for the window
+        after next, by which time the batch has been made)."""
         self.rows = np.empty(size, np.int64)
         self.positions = np.empty(size, np.int32)
         self.filled = 0
@@ -316,7 +331,12 @@ class _Pending:
         pick = order[at:at + n]
         # In order (no shuffle, no skipped positions): a slice copy, twice a gather's speed.
         run = n > 0 and int(pick[-1]) - int(pick[0]) == n - 1 and bool(np.all(pick[1:] > pick[:-1]))
-        for layer in range(values.shape[0]):
+        if run and self.borrow and a == 0 and n == len(self.rows):
+            self.whole = values[0, int(pick[0]):int(pick[0]) + n]
+            n_layers = 0
+        else:
+            n_layers = values.shape[0]
+        for layer in range(n_layers):
             if run:
                 self.x[a:a + n, layer] = values[layer, int(pick[0]):int(pick[0]) + n]
             else:

@@ -128,6 +128,26 @@ def test_bfloat16_from_a_bfloat16_store_is_exact(tmp_path: Path) -> None:
             np.testing.assert_array_equal(x, want[key])
 
 
+@pytest.mark.parametrize(("stored", "dtype"), [("float16", torch.float32),
+                                                ("bfloat16", torch.float32),
+                                                ("bfloat16", torch.bfloat16),
+                                                ("float16", torch.float16)])
+@pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
+def test_batches_kept_past_later_ones_keep_the_stored_values(
+        tmp_path: Path, stored: str, dtype: torch.dtype, shuffle: bool) -> None:
+    """The buffer holds stored values and is reused window after window: every batch of
+    an epoch, all kept until the end, still holds exactly what ``Store.read`` gives."""
+    store = _write(str(tmp_path / "s.zarr"), stored)
+    want = _reference(store, 3)
+    batches = list(TokenLoader(store, 3, batch_size=20, buffer_tokens=100, shuffle=shuffle,
+                               dtype=dtype))
+    assert {tuple(b.x.shape[1:]) for b in batches} == {(HIDDEN,)}
+    for batch in batches:
+        assert batch.x.dtype == dtype
+        for x, key in zip(batch.x.float().numpy(), _keys([batch]), strict=True):
+            np.testing.assert_array_equal(x, want[key])
+
+
 def _same(a: list, b: list) -> None:
     assert len(a) == len(b)
     for p, q in zip(a, b, strict=True):
