@@ -48,6 +48,9 @@ def corrupt_message(url: str, corrupt: dict[int, list[str]]) -> str:
     )
 
 
+_ZARRS_CONFIG = threading.Lock()
+
+
 def _zarrs_available() -> bool:
     try:
         import zarrs  # noqa: F401
@@ -78,7 +81,11 @@ class Fetcher:
 
         try:
             if self.fast:
-                with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):
+                # zarr takes the pipeline from its global config when the array opens: one
+                # thread at a time, or two overlapping contexts could leave zarrs set for
+                # everyone (each restores what it found).
+                with _ZARRS_CONFIG, zarr.config.set(
+                        {"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):
                     arr = zarr.open_array(self.group.store, path=key, mode="r")
             else:
                 arr = zarr.open_array(self.group.store, path=key, mode="r")
