@@ -54,7 +54,7 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def normalize(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
 
 def fve(x: torch.Tensor, recon: torch.Tensor) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from actcache.store import Store  # noqa: E402
 from actcache.testing import synthetic_store  # noqa: E402
 
 HIDDEN = 32
-SMALL = {"batch_size": 128, "expansion": 4, "k": 4, "lr": 1e-2, "buffer_tokens": 1024,
+SMALL: dict[str, Any] = {"batch_size": 128, "expansion": 4, "k": 4, "lr": 1e-2, "buffer_tokens": 1024,
          "log_every": 5}
 
 

@@ -87,7 +87,7 @@ class TokenLoader:
                  storage_options: dict[str, Any] | None = None) -> None:
         self.store = store if isinstance(store, Store) else open_store(store, storage_options)
         self.single = isinstance(layer, (int, np.integer))
-        wanted = [int(layer)] if self.single else [int(x) for x in layer]  # type: ignore[union-attr]
+        wanted = [int(layer)] if self.single else [int(x) for x in layer]  # type: ignore[union-attr,arg-type]
         self.layers = [self.store.resolve_layer(x) for x in wanted]
         if not self.layers or len(set(self.layers)) != len(self.layers):
             raise ConfigError("layer must be a layer or a non-empty list of distinct layers")

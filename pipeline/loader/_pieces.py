@@ -61,7 +61,8 @@ class Pieces:
         self.values = np.array([len(p) for p in self.plans], dtype=np.int64)
         if pooling == "tokens" and skip_positions:
             self.counts = np.array([int(np.count_nonzero(p.positions >= skip_positions))
-                                    for p in self.plans], dtype=np.int64)
+                                    for p in self.plans if p.positions is not None],
+                                   dtype=np.int64)
         else:
             self.counts = self.values.copy()
         self._pool: ThreadPoolExecutor | None = None
