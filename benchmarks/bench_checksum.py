@@ -15,7 +15,6 @@ import numpy as np
 import zarr
 from bench_codec import activations, measure
 
-
 ROUNDS = 4
 
 

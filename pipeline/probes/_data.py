@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from actcache.read import PREFETCH, prefetch, rows_per_block
 from actcache.schemas.errors import (
     ColumnNotFoundError,
     ConfigError,
@@ -27,7 +28,6 @@ from actcache.schemas.errors import (
     StoreIncompleteError,
 )
 from actcache.schemas.probe import ProbeConfig, ProbeKind, Task
-from actcache.read import PREFETCH, prefetch, rows_per_block
 
 UNUSED, FIT, VAL, TEST = 0, 1, 2, 3
 #: Fewest rows a streamed block is cut to when whole chunks do not fit the budget.
