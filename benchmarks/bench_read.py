@@ -111,6 +111,15 @@ def blocks_pass(store: Any, layers: list[int], pooling: str,
     return acc
 
 
+def agree(raw: Any, store: Any, layers: Any, pooling: str, what: str) -> None:
+    """The untimed pass: warms the page cache, and both sides must read the same values."""
+    want: list[np.ndarray] = []
+    got: list[np.ndarray] = []
+    raw(want)
+    blocks_pass(store, layers, pooling, got)
+    same_sums(want, got, what)
+
+
 def same_sums(a: list[np.ndarray], b: list[np.ndarray], what: str) -> None:
     """Both sides read the same values: their column sums agree (summed in float64)."""
     sa, sb = np.sum(a, axis=0), np.sum(b, axis=0)
@@ -200,11 +209,7 @@ def pooled_local(args: argparse.Namespace, folder: str, rng: np.random.Generator
                 acc += float((values.astype(np.float32) if widen else values)[0, 0])
         return acc
 
-    want: list[np.ndarray] = []
-    got: list[np.ndarray] = []
-    raw(want)  # the untimed pass: warms the page cache, and both sides must agree
-    blocks_pass(store, layers, "mean", got)
-    same_sums(want, got, "pooled")
+    agree(raw, store, layers, "mean", "pooled")
     zarr_pass(False)
     zarr_pass(True)
     raw_s, blocks_s = best_alternating(timer(raw), timer(lambda: blocks_pass(store, layers, "mean")),
@@ -257,11 +262,7 @@ def tokens_local(args: argparse.Namespace, folder: str, rng: np.random.Generator
             acc += widen_all([(s, p.read_bytes(), lay)], check)
         return acc
 
-    want: list[np.ndarray] = []
-    got: list[np.ndarray] = []
-    raw(want)
-    blocks_pass(store, layers, "tokens", got)
-    same_sums(want, got, "tokens")
+    agree(raw, store, layers, "tokens", "tokens")
     raw_s, blocks_s = best_alternating(timer(raw),
                                        timer(lambda: blocks_pass(store, layers, "tokens")),
                                        args.repeats)
@@ -325,11 +326,7 @@ def pooled_s3(args: argparse.Namespace, rng: np.random.Generator) -> list[Row]:
             got = fs.cat([p for _, p, _ in objects], batch_size=16)
             return widen_all([(s, got[p], lay) for s, p, lay in objects], check)
 
-        want: list[np.ndarray] = []
-        got: list[np.ndarray] = []
-        raw(want)
-        blocks_pass(store, layers, "mean", got)
-        same_sums(want, got, "S3")
+        agree(raw, store, layers, "mean", "S3")
         raw_s, blocks_s = best_alternating(timer(raw),
                                            timer(lambda: blocks_pass(store, layers, "mean")),
                                            args.repeats)
