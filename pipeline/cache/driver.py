@@ -170,6 +170,19 @@ def _workers(job: JobConfig, described: Described, plan: Plan, fresh: bool,
                     pool.shutdown()
 
 
+def _settled(group: Any, run_id: str, step_s: float = 0.25, tries: int = 20
+             ) -> list[UnitReceipt]:
+    """The run's committed units, once two counts ``step_s`` apart agree."""
+    receipts = committed_by(group, run_id)
+    for _ in range(tries):
+        time.sleep(step_s)
+        again = committed_by(group, run_id)
+        if len(again) == len(receipts):
+            return again
+        receipts = again
+    return receipts
+
+
 def _execute(
     job: JobConfig,
     plan: Plan,
@@ -191,9 +204,12 @@ def _execute(
             _run_units(job, plan, pool, lease, receipts, redone)
     except KeyboardInterrupt:
         with sigint_deferred():
-            # The workers are stopped by now; a unit may have committed after its receipt
-            # stopped being awaited, so the store's markers are the count.
-            receipts = committed_by(group, run.run_id)
+            # Stop the workers first: an actor still running could commit a unit after the
+            # count below. A unit whose actor was killed while committing lands within
+            # milliseconds, so the store's markers are counted once they stop changing.
+            if pool is not None:
+                pool.shutdown()
+            receipts = _settled(group, run.run_id)
             mark_valid(group)
             record(group, run.model_copy(update={
                 "ended": now(), "status": "interrupted", **committed(plan, receipts),
