@@ -41,10 +41,6 @@ class Read:
     dest: slice | np.ndarray
     """Where the kept values go in the block: a slice, or an index per value."""
 
-    @property
-    def count(self) -> int:
-        return self.hi - self.lo if self.take is None else len(self.take)
-
 
 @dataclass(frozen=True)
 class Plan:
