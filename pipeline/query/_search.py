@@ -1,12 +1,13 @@
 """Top-k along a direction and nearest neighbours, streamed block by block.
 
-A layer is read through the store's reader as stored (whole chunks, physical order, the
-next read fetched while this one is scored), widened ``SCORE_BYTES`` at a time right
-before it is scored, so the float32 values stay in the CPU's cache; a running top-k keeps
-at most ``k`` candidates (plus any ties at the cut) between reads. Memory is bounded
-whatever the store's size: two or three reads' stored values (``MERGE_BYTES`` each at
-most) and ``SCORE_BYTES`` of scoring work. Ranks are by score
-descending, ties by store row order, exactly as a brute-force sort would give.
+A layer is scored by the store's reader (``StoreReader.scored``): whole chunks as stored,
+widened ``SCORE_BYTES`` at a time right before they are scored, so the float32 values
+stay in the CPU's cache; local raw shards are read, checked and scored on two threads at
+once. A running top-k keeps at most ``k`` candidates (plus any ties at the cut) between
+reads. Memory is bounded whatever the store's size: per reading thread one read's stored
+values (a shard, or ``MERGE_BYTES`` at most) and ``SCORE_BYTES`` of scoring work. Ranks
+are by score descending, ties by store row order, exactly as a brute-force sort would
+give.
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from actcache.read import SCORE_BYTES
 from actcache.schemas.errors import ConfigError, ShapeMismatchError
 
 if TYPE_CHECKING:
     from actcache.store import Store
 
 METRICS = ("cosine", "dot", "euclidean")
-SCORE_BYTES = 2**20
-"""float32 bytes of a block scored at once where scoring needs a temporary per value."""
 
 
 @dataclass(frozen=True)
@@ -42,22 +42,14 @@ class Ranking:
 def _scored(store: Store, layer: int, pooling: str | None,
             rows: Sequence[int] | np.ndarray | None,
             score: Callable[[np.ndarray], np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(store rows, scores) of a pooled layer, scored ``SCORE_BYTES`` of float32 at a time
-    as each stored slice is widened (tokens are refused: ranks are per row)."""
-    from actcache.read import decode
-
+    """(store rows, scores) of a pooled layer (tokens are refused: ranks are per row)."""
     name = store.resolve_pooling(pooling)
     if name == "tokens":
         raise ConfigError(
             "top-k and nearest rank pooled rows, not tokens; choose a pooling among "
             + ", ".join(p for p in store.poolings if p != "tokens")
         )
-    step = max(1, SCORE_BYTES // (4 * store.hidden_size))
-    for positions, raw in store.reader.stored(store.resolve_layer(layer), name, rows):
-        scores = np.empty(len(raw), dtype=np.float32)
-        for lo in range(0, len(raw), step):
-            scores[lo:lo + step] = score(decode(raw[lo:lo + step], store.dtype))
-        yield positions, scores
+    return store.reader.scored(store.resolve_layer(layer), name, rows, score)
 
 
 class RunningTopK:

@@ -13,11 +13,12 @@ from actcache.read._convert import decode, widen
 from actcache.read._fetch import corrupt_message
 from actcache.read._plan import BLOCK_BYTES, rows_per_block
 from actcache.read._prefetch import PREFETCH, prefetch
-from actcache.read._reader import Block, StoreReader
+from actcache.read._reader import SCORE_BYTES, Block, StoreReader
 
 __all__ = [
     "BLOCK_BYTES",
     "PREFETCH",
+    "SCORE_BYTES",
     "Block",
     "StoreReader",
     "bound_allocator",

@@ -19,6 +19,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -30,6 +31,9 @@ from actcache.schemas.errors import StoreCorruptError
 
 T = TypeVar("T")
 
+#: Threads that read, check and work on whole local shards at once (``map_shards``):
+#: two measured 1.5x one on 2 cores, where reading and scoring share the memory bus.
+SHARD_WORKERS = 2
 #: Reads of one block in flight at once on a remote store.
 IN_FLIGHT = 16
 #: Reads fetched at once on a local store: the caller's and the next.
@@ -46,6 +50,19 @@ def corrupt_message(url: str, corrupt: dict[int, list[str]]) -> str:
         f"store {url} has chunks that fail their checksum or are missing in {units}; rerun "
         "its job with `actcache cache JOB.yaml --repair` to recompute those units"
     )
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Rows ``[lo, hi)`` of array ``key``, inside one shard of ``unit``."""
+
+    key: str
+    files: ShardFiles
+    unit: int
+    lo: int
+    hi: int
+    rows: np.ndarray
+    """The store position of each row of the range."""
 
 
 _ZARRS_CONFIG = threading.Lock()
@@ -160,6 +177,72 @@ class Fetcher:
                 except (FileNotFoundError, ChecksumMismatch) as e:
                     raise self._corrupt(key, read.unit) from e
         return [(0, self.fetch(key, read))]
+
+    def shard_jobs(self, plans: Sequence[Plan], layer: int) -> list[ShardJob] | None:
+        """One job per shard of pooled ``plans``' rows of ``layer``, or None unless every
+        read is a whole range of a local raw shard (``fetch_parts``'s rule)."""
+        if not self.local:
+            return None
+        # Reads of one unit that a block boundary cut in two are one range here.
+        spans: list[tuple[str, int, int, int, np.ndarray]] = []
+        for plan in plans:
+            for read in plan.reads:
+                key = plan.key(layer, read.unit)
+                if read.take is not None or not isinstance(read.dest, slice):
+                    return None
+                rows = plan.rows[read.dest]
+                if spans and spans[-1][0] == key and spans[-1][3] == read.lo:
+                    _, unit, lo, _, before = spans[-1]
+                    spans[-1] = (key, unit, lo, read.hi, np.concatenate([before, rows]))
+                else:
+                    spans.append((key, read.unit, read.lo, read.hi, rows))
+        jobs: list[ShardJob] = []
+        for key, unit, lo, hi, rows in spans:
+            files = self._files(key, unit)
+            if files is None or hi - lo < files.shard // 2:
+                return None
+            a = lo
+            while a < hi:  # one job per shard: each fills one buffer
+                b = min(hi, (a // files.shard + 1) * files.shard)
+                jobs.append(ShardJob(key, files, unit, a, b, rows[a - lo:b - lo]))
+                a = b
+        return jobs or None
+
+    def map_shards(self, jobs: Sequence[ShardJob],
+                   work: Callable[[list[tuple[np.ndarray, np.ndarray]]], T]) -> Iterator[T]:
+        """``work`` of each job's (store rows, values as stored) chunks, in job order, on
+        ``SHARD_WORKERS`` threads that each read a shard into their own reused buffer and
+        work on it there, while it is still in the core's cache.
+
+        For a search, whose scoring is cheap: reading a shard, checking it and scoring it
+        on one thread, two threads at once, measured 0.04 s for a 200,000 x 384 float16
+        layer against 0.08 s for reads handed to the scoring thread (bench_read.py).
+        """
+        local = threading.local()
+        size = max(job.files.file_bytes for job in jobs)
+
+        def run(job: ShardJob) -> T:
+            buffer = getattr(local, "buffer", None)
+            if buffer is None:
+                buffer = local.buffer = bytearray(size)
+            try:
+                parts = job.files.parts(job.lo, job.hi, buffer)
+            except (FileNotFoundError, ChecksumMismatch) as e:
+                raise self._corrupt(job.key, job.unit) from e
+            return work([(job.rows[at:at + len(raw)], raw) for at, raw in parts])
+
+        with ThreadPoolExecutor(SHARD_WORKERS, thread_name_prefix="actcache-shard") as pool:
+            pending: deque[Future[T]] = deque()
+            try:
+                for job in jobs:
+                    pending.append(pool.submit(run, job))
+                    if len(pending) > SHARD_WORKERS:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for future in pending:
+                    future.cancel()
 
     def _files(self, key: str, unit: int) -> ShardFiles | None:
         if key not in self._direct:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from actcache.read._convert import decode
 from actcache.read._fetch import Fetcher
 from actcache.read._plan import (
     BLOCK_BYTES,
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from actcache.store import Store
 
 RowsLike = Sequence[int] | np.ndarray | None
+#: float32 bytes of a pooled slice widened and scored at once (``scored``): small enough
+#: to stay in the CPU's cache, with the scoring's temporaries.
+SCORE_BYTES = 2**20
 _ALL = 2**62
 
 
@@ -113,17 +117,36 @@ class StoreReader:
 
         yield from prefetch(plans, read, max(len(p) for p in plans) * hidden)
 
-    def stored(self, index: int, pooling: str, rows: RowsLike = None
-               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(store rows, values as stored) of layer ``index``, a read at a time (at most
-        ``MERGE_BYTES``), physical order, the next read fetched while the caller works.
-
-        For a consumer that widens a slice at a time right before using it (top-k,
-        nearest): the float32 values then live in the CPU's cache, not in a block written
-        to memory and read back, which measured the larger part of a search's time.
+    def scored(self, index: int, pooling: str, rows: RowsLike,
+               score: Callable[[np.ndarray], np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(store rows, ``score`` of their float32 values) of a pooled layer, physical
+        order, widened ``SCORE_BYTES`` at a time right before scoring, so the float32
+        values live in the CPU's cache rather than in a block written to memory and read
+        back (that measured the larger part of a search's time). ``score`` must be safe to
+        call from several threads at once: whole local shards are read, checked and scored
+        on ``map_shards``'s threads.
         """
         positions = self.positions(rows) if rows is None else distinct(self.positions(rows))
         plans = self.plans(pooling, positions)
+        dtype = self.store.dtype
+        step = max(1, SCORE_BYTES // (4 * self.store.hidden_size))
+
+        def scores(raw: np.ndarray) -> np.ndarray:
+            out = np.empty(len(raw), dtype=np.float32)
+            for lo in range(0, len(raw), step):
+                out[lo:lo + step] = score(decode(raw[lo:lo + step], dtype))
+            return out
+
+        def shard(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+            if len(parts) == 1:
+                return parts[0][0], scores(parts[0][1])
+            return (np.concatenate([r for r, _ in parts]),
+                    np.concatenate([scores(raw) for _, raw in parts]))
+
+        jobs = self.fetcher.shard_jobs(plans, index)
+        if jobs is not None:
+            yield from self.fetcher.map_shards(jobs, shard)
+            return
 
         def pieces() -> Iterator[tuple[np.ndarray, np.ndarray]]:
             for plan in plans:
@@ -135,7 +158,8 @@ class StoreReader:
                         at = read.dest.start + offset
                         yield plan.rows[at:at + len(raw)], raw
 
-        yield from run_ahead(pieces())
+        for got, raw in run_ahead(pieces()):
+            yield got, scores(raw)
 
     def read_into(self, layers: Sequence[int], pooling: str, positions: np.ndarray,
                   out: np.ndarray) -> None:
