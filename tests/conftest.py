@@ -139,25 +139,32 @@ def s3_server():
     server.stop()
 
 
-@pytest.fixture
-def s3_bucket(s3_server, monkeypatch):
-    """A fresh bucket on the loopback S3 server, with the AWS variables pointing at it."""
+def fresh_bucket(s3_server: str, env: pytest.MonkeyPatch) -> str:
+    """Point the AWS variables at the loopback server (through ``env``, which undoes them)
+    and create a bucket there; returns its name."""
     import uuid
 
     import boto3
-
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     import s3fs
 
+    env.setenv("AWS_ENDPOINT_URL", s3_server)
+    env.setenv("AWS_ACCESS_KEY_ID", "testing")
+    env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    env.setenv("AWS_DEFAULT_REGION", "us-east-1")
     # s3fs caches filesystems by their arguments, not by the environment: drop any made
     # for another endpoint.
     s3fs.S3FileSystem.clear_instance_cache()
     name = f"actcache-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
-    yield name
+    return name
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """A fresh bucket on the loopback S3 server, with the AWS variables pointing at it."""
+    import s3fs
+
+    yield fresh_bucket(s3_server, monkeypatch)
     s3fs.S3FileSystem.clear_instance_cache()
 
 

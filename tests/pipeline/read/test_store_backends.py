@@ -27,6 +27,7 @@ from actcache.schemas.errors import (
 )
 from actcache.store import Store
 from actcache.testing import synthetic_store
+from tests.conftest import fresh_bucket
 
 # Three units (128 + 128 + 44 rows) of 32-row chunks: reads cross unit and chunk edges.
 N, HIDDEN, RPU, CHUNK = 300, 12, 128, 32
@@ -305,16 +306,9 @@ class TestS3(StoreBackendTests):
     @classmethod
     def backend_url(cls, s3_server: str) -> Iterator[Callable[[str], str]]:
         # As conftest's s3_bucket, for the whole class: each store is written once.
-        import boto3
         import s3fs
 
         with pytest.MonkeyPatch.context() as env:
-            env.setenv("AWS_ENDPOINT_URL", s3_server)
-            env.setenv("AWS_ACCESS_KEY_ID", "testing")
-            env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-            env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-            s3fs.S3FileSystem.clear_instance_cache()
-            bucket = f"actcache-{uuid.uuid4().hex[:8]}"
-            boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+            bucket = fresh_bucket(s3_server, env)
             yield lambda name: f"s3://{bucket}/{name}"
             s3fs.S3FileSystem.clear_instance_cache()
