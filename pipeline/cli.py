@@ -101,6 +101,7 @@ def info(
 app.command("probe")(probes_cli.probe_command)
 app.command("query")(query_cli.query_command)
 app.command("compare")(compare_cli.compare_command)
+app.command("plot")(compare_cli.plot_command)
 ops_cli.register(app)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,9 +29,10 @@ DEFAULT_MAX_MEMORY = 2 * 10**9
 """Bytes for sums and blocks when none is given: all pairs of a 13-layer, 768-wide model
 against another fit in one pass (about 0.7 GB of float64 cross products)."""
 MAX_BLOCK_BYTES = 32 * 2**20
-BYTES_PER_VALUE = 28
-"""Per value of a block: float32 twice (the block and the one prefetched behind it),
-float64 twice (the widened copy and the shifted one)."""
+BYTES_PER_VALUE = 20
+"""Per value of a block: float32 twice (the block and the one read behind it), float64
+once (the shifted block the products read), and a margin for the stored values in
+flight."""
 
 
 @dataclass(frozen=True)
@@ -141,18 +142,24 @@ def plan_passes(feats: Sequence[Feature], pairs: Sequence[tuple[int, int]],
 
     The features are cut into contiguous groups of g (the largest g that fits); a pass
     takes every pair between two groups (or within one), so each feature is read once per
-    pass it appears in and each pair is summed exactly once.
+    pass it appears in and each pair is summed exactly once. A pass's sums are a few large
+    products over its features side by side (``_moments.Layout``).
     """
     for g in range(len(feats), 0, -1):
         passes: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for u, v in pairs:
             key = (min(u // g, v // g), max(u // g, v // g))
             passes.setdefault(key, []).append((u, v))
-        cost = max(sum(_moments.pair_bytes(feats[u].width, feats[v].width) for u, v in p)
-                   for p in passes.values())
-        if cost <= budget:
+        if max(_pass_bytes(feats, p) for p in passes.values()) <= budget:
             return list(passes.values())
     return None
+
+
+def _pass_bytes(feats: Sequence[Feature], pairs: Sequence[tuple[int, int]]) -> int:
+    used = sorted({f for p in pairs for f in p})
+    local = {f: i for i, f in enumerate(used)}
+    return _moments.pass_bytes([feats[f].width for f in used],
+                               [(local[u], local[v]) for u, v in pairs])
 
 
 def _cka_values(sides: _Sides, feats: list[Feature], left: list[Feature],
@@ -165,7 +172,7 @@ def _cka_values(sides: _Sides, feats: list[Feature], left: list[Feature],
     # Three quarters of the budget for the sums, the rest for the blocks of a pass.
     passes = plan_passes(feats, pairs, budget * 3 // 4)
     if passes is None:
-        need = max(_moments.pair_bytes(feats[u].width, feats[v].width) for u, v in pairs)
+        need = max(_pass_bytes(feats, [p]) for p in pairs)
         raise ConfigError(
             f"--max-memory of {budget} bytes holds not even one pair of layers' sums "
             f"({need} bytes, float64, for the widest pair): give at least {-(-need * 4 // 3)}")
@@ -189,35 +196,51 @@ def _aligned_blocks(sides: _Sides, used: list[Feature], budget: int,
                     block_bytes: int | None) -> Iterator[list[np.ndarray]]:
     """Per block of aligned rows, one array per feature in ``used``, rows matched by id.
 
-    The driver store (a, unless the pass reads only b) is read in physical order with
-    ``blocks``, one iterator per layer (same rows, so the same cut into blocks, checked);
-    the other store's values for exactly those rows come from ``read`` with the matching
-    positions. Every aligned row is thus summed once, each with its own counterpart, and
-    sums do not depend on the order of rows: the result is the in-memory one.
+    The driver store (a, unless the pass reads only b) is cut into chunk-aligned blocks in
+    physical order, all its layers of the pass read into one block; the other store's
+    values for exactly those rows (matched by id, in whatever order it holds them) are
+    read into the same block. Both reads run on a thread while the caller multiplies the
+    block before (``prefetch``), so reading both stores overlaps the arithmetic. Every
+    aligned row is summed once, each with its own counterpart, and the sums do not depend
+    on the order of rows: the result is the in-memory one.
     """
+    from actcache.read import prefetch
+
     driver = "a" if any(f.side == "a" for f in used) else "b"
-    store, pooling = sides.stores[driver], sides.poolings[driver]
+    other = "b" if driver == "a" else "a"
+    store = sides.stores[driver]
     mine = [f for f in used if f.side == driver]
+    theirs = [f for f in used if f.side != driver]
+    per_row = sum(f.width for f in used)  # float32 values of one row of a block
     if block_bytes is None:
-        rows = max(1, budget // (BYTES_PER_VALUE * sum(f.width for f in used)))
-        block_bytes = min(MAX_BLOCK_BYTES, rows * store.hidden_size * 4)
-    iters = [store.blocks(f.layer, pooling, rows=sides.rows[driver], block_bytes=block_bytes)
-             for f in mine]
-    other = sides.other_of(driver) if len(mine) < len(used) else None
-    for group in zip(*iters, strict=True):
-        rows = group[0].rows
-        if any(not np.array_equal(g.rows, rows) for g in group[1:]):
-            raise RuntimeError("the layers of one store were cut into different blocks")
-        by_feature = dict(zip(mine, (g.values for g in group), strict=True))
-        out = []
-        for f in used:
-            if f in by_feature:
-                out.append(by_feature[f])
-            else:
-                assert other is not None
-                o = "b" if driver == "a" else "a"
-                out.append(sides.stores[o].read(f.layer, sides.poolings[o], rows=other[rows]))
-        yield out
+        rows = max(1, budget // (BYTES_PER_VALUE * per_row))
+        block_bytes = min(MAX_BLOCK_BYTES, rows * per_row * 4)
+    # The plans size a block by the driver's layers alone: scale the bytes to their share.
+    share = max(1, block_bytes * len(mine) * store.hidden_size // per_row)
+    plans = store.reader.plans(sides.poolings[driver], np.sort(sides.rows[driver]), share,
+                               n_layers=len(mine))
+    if not plans:
+        return
+    to_other = sides.other_of(driver) if theirs else None
+    layers_mine = tuple(f.layer for f in mine)
+    layers_theirs = tuple(f.layer for f in theirs)
+
+    def read(plan: Any, buffer: np.ndarray) -> list[np.ndarray]:
+        m = len(plan)
+        cut = len(mine) * m * store.hidden_size
+        values = buffer[:cut].reshape(len(mine), m, store.hidden_size)
+        store.reader.fetcher.fill(plan, layers_mine, values, store.dtype)
+        got = dict(zip(mine, values, strict=True))
+        if to_other is not None:
+            o = sides.stores[other]
+            rest = buffer[cut:cut + len(theirs) * m * o.hidden_size].reshape(
+                len(theirs), m, o.hidden_size)
+            o.reader.read_into(layers_theirs, sides.poolings[other], to_other[plan.rows], rest)
+            got.update(zip(theirs, rest, strict=True))
+        return [got[f] for f in used]
+
+    yield from prefetch(plans, read, max(len(p) for p in plans) * per_row,
+                        name="actcache-compare-read")
 
 
 def _knn_values(sides: _Sides, feats: list[Feature], left: list[Feature],

@@ -1,5 +1,5 @@
 """``actcache compare``: parse the options, call ``compare``, write ``similarity.csv`` and
-``similarity.png``. Heavy imports wait inside the command so ``--help`` stays instant."""
+``similarity.png``; ``actcache plot``: depth curves of probe runs. Heavy imports wait inside the command so ``--help`` stays instant."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import typer
 from actcache.schemas.errors import ConfigError
 
 DEFAULT_OUT = "compare"
+DEFAULT_PLOT = "depth.png"
 
 
 class Metric(StrEnum):
@@ -69,3 +70,32 @@ def compare_command(
     shared = "" if b is None else f" shared by id ({a.n_rows} in A, {b.n_rows} in B)"
     typer.echo(f"{metric}: {len(frame)} layer pairs on {n_rows} rows{shared}; "
                f"wrote {out / 'similarity.csv'} and {out / 'similarity.png'}")
+
+
+class Depth(StrEnum):
+    RELATIVE = "relative"
+    ABSOLUTE = "absolute"
+
+
+def plot_command(
+    runs: Annotated[list[Path], typer.Argument(
+        help="Probe result folders (written by `actcache probe --out`), one line each.")],
+    depth: Annotated[Depth, typer.Option(
+        help="x axis: relative (layer / number of layers) or absolute (layer).")
+    ] = Depth.RELATIVE,
+    probe: Annotated[str | None, typer.Option(
+        help="Probe to plot from each run (default: each run's first, e.g. logistic).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="The figure to write.")] = Path(DEFAULT_PLOT),
+) -> None:
+    """Depth curves: the per-layer test accuracy (95% interval) of several probe runs on
+    one axis, one line per model, chance marked."""
+    from actcache.similarity._depth import plot_depth, read_runs, summary
+
+    curves, task = read_runs(list(runs), str(depth), probe)
+    if out.parent != Path():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    plot_depth(curves, task, str(depth), out)
+    for curve in curves:
+        typer.echo(summary(curve))
+    typer.echo(f"wrote {out}")
