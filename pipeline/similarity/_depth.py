@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from actcache.schemas.errors import ConfigError, InputFileNotFoundError
+from actcache.similarity._plot import display_name
 
 DEPTHS = ("relative", "absolute")
 
@@ -70,7 +71,7 @@ def read_run(folder: str | Path, depth: str = "relative", probe: str | None = No
     if not regression:
         chance = float(rows["majority_baseline"].iloc[0]) if "majority_baseline" in rows else np.nan
     curve = Curve(
-        label=meta.get("model") or folder.name, folder=folder, probe=chosen, layers=layers,
+        label=display_name(meta["model"]) if meta.get("model") else folder.name, folder=folder, probe=chosen, layers=layers,
         depth=layers / n_layers if depth == "relative" else layers.astype(float),
         score=rows[score_col].to_numpy(dtype=float),
         low=rows["test_accuracy_low"].to_numpy(dtype=float) if has_band else None,

@@ -9,6 +9,16 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
+def display_name(model: str) -> str:
+    """A model's name as a figure shows it: a shipped package's name for ``pkg://``, a
+    local folder's own name (not the whole path), a hub id as it is."""
+    if model.startswith("pkg://"):
+        return model.removeprefix("pkg://").split("/")[0]
+    if model.startswith(("/", "./", "../", "~", "file://")) or "\\" in model:
+        return model.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1] or model
+    return model
+
+
 def plot_similarity(frame: pd.DataFrame, name_a: str, name_b: str, path: Path) -> None:
     """Heatmap of ``value`` with layers of A down and layers of B across, each cell
     labelled; the models' names and the number of rows in the title."""
@@ -17,6 +27,7 @@ def plot_similarity(frame: pd.DataFrame, name_a: str, name_b: str, path: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    name_a, name_b = display_name(name_a), display_name(name_b)
     grid = frame.pivot(index="layer_a", columns="layer_b", values="value")
     rows, cols = grid.shape
     fig, ax = plt.subplots(figsize=(1.2 + 0.55 * max(cols, 4), 1.0 + 0.5 * max(rows, 4)), dpi=110)
