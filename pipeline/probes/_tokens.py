@@ -295,8 +295,8 @@ class TokenSource:
         lengths = self.sets.lengths[rows]
         piece = Piece(rows, np.cumsum(lengths) - lengths, lengths, out,
                       np.asarray(positions, np.int64))
-        self.reads.values += int(lengths[self.sets.data.role[rows] != UNUSED].sum()) * len(
-            self.layers)
+        # Counted in rows, as the linear probes count them: passes over the used rows.
+        self.reads.values += int((self.sets.data.role[rows] != UNUSED).sum()) * len(self.layers)
         self._scale(piece)
         if self.cache:
             self._kept[p] = piece
