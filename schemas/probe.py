@@ -46,6 +46,20 @@ class ProbeKind(StrEnum):
     classification task, on the numeric label itself for a regression task."""
     MEAN_DIFF = "mean-diff"
     """Difference of class means (nearest class mean in activation space); no strength."""
+    ATTENTIVE = "attentive"
+    """Token probe (``pooling: tokens``): learnable queries cross-attend to the row's tokens
+    (keys and values are the tokens themselves, no projections), then a linear classifier
+    on the pooled vectors (efficient probing, Psomas et al.). Trained by AdamW."""
+    MOMENT = "moment"
+    """Token probe: a linear classifier on the per-feature mean and variance of the row's
+    tokens (a diagonal Moment Probing). Trained by AdamW."""
+    TOKEN_LOGISTIC = "token-logistic"
+    """Token probe: logistic regression on every token, each labelled with its row's label;
+    a row is scored by the mean of its tokens' logits. Trained by AdamW."""
+
+
+#: Probe kinds that read every token of a row (``pooling: tokens``).
+TOKEN_PROBES = (ProbeKind.ATTENTIVE, ProbeKind.MOMENT, ProbeKind.TOKEN_LOGISTIC)
 
 
 class Task(StrEnum):
@@ -119,6 +133,21 @@ class ProbeConfig(Frozen):
     """Stop a fit when the largest gradient entry of its mean objective is at most this
     (scikit-learn's lbfgs ``gtol``)."""
 
+    skip_positions: int | None = Field(default=None, ge=0)
+    """Token probes: leading positions of every row left out (class, register tokens).
+    None: the manifest's ``prefix_tokens`` for an image store, else 0."""
+    epochs: int = Field(default=20, ge=1)
+    """Token probes: passes of AdamW over the fit rows (one read of their tokens each)."""
+    batch_size: int = Field(default=64, ge=1)
+    """Token probes: rows per minibatch (their tokens padded to the batch's longest row)."""
+    learning_rate: float = Field(default=1e-2, gt=0.0)
+    """Token probes: AdamW's peak learning rate, decayed to 0 by a cosine over all steps."""
+    weight_decays: tuple[float, ...] = (0.0, 0.01, 0.1, 1.0)
+    """Token probes: AdamW (decoupled) weight decays trained side by side, one head each,
+    the one with the best validation accuracy kept (as ``strengths`` for C)."""
+    queries: int = Field(default=8, ge=1)
+    """Attentive probe: learnable queries per head, each pooling the tokens on its own."""
+
     out: str = "probes"
     """The folder that receives metrics.csv, probes.safetensors and layers.png."""
 
@@ -158,6 +187,13 @@ class ProbeConfig(Frozen):
             raise ValueError("`layers` is empty: give 'all' or at least one index")
         if self.layers != "all" and len(set(self.layers)) != len(self.layers):
             raise ValueError("`layers` names a layer twice")
+        token = [p.value for p in self.probes if p in TOKEN_PROBES]
+        if token and len(token) != len(self.probes):
+            pooled = ", ".join(p.value for p in self.probes if p not in TOKEN_PROBES)
+            raise ValueError(f"`probes` mixes token probes ({', '.join(token)}) with pooled "
+                             f"probes ({pooled}): train each kind in a run of its own")
+        if not self.weight_decays or any(w < 0 for w in self.weight_decays):
+            raise ValueError("`weight_decays` must be a non-empty list of values >= 0")
         if not self.strengths or any(c <= 0 for c in self.strengths):
             raise ValueError("`strengths` must be a non-empty list of positive C values")
         if self.max_memory < 1 << 20:

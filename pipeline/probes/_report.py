@@ -23,6 +23,8 @@ def write_outputs(result: ProbeResult, out: str | Path) -> Path:
     save_file(result.tensors, str(folder / "probes.safetensors"), metadata=result.metadata)
     _umask_mode(folder / "probes.safetensors")
     plot_layers(result, folder / "layers.png")
+    if result.positions is not None:  # token-logistic: accuracy at each token position
+        result.positions.to_csv(folder / "positions.csv", index=False, float_format="%.6g")
     return folder
 
 
@@ -155,7 +157,7 @@ def summary_line(result: ProbeResult, out: Path | None = None) -> str:
     if not np.isnan(best["selectivity"]):
         line += f", selectivity {best['selectivity']:.3f}"
     used = ", ".join(f"{probe} in {PRECISION.get(str(probe), result.precision)}"
-                     + (f" ({result.choice.summary()})" if probe == "logistic"
+                     + (f" ({result.choice.summary()})" if probe in CHOSEN
                         and result.choice is not None else "")
                      for probe in result.metrics["probe"].unique())
     line += f"); trained on {result.device}: {used}"
@@ -163,6 +165,8 @@ def summary_line(result: ProbeResult, out: Path | None = None) -> str:
 
 
 INTERVALS = ("test_accuracy", "test_auroc")
+#: Probes whose precision ``_precision.choose`` decided (``result.choice``).
+CHOSEN = ("logistic", "attentive", "moment", "token-logistic")
 PRECISION = {"ridge": "float64", "mean-diff": "float64"}
 """Probes solved in closed form from float64 moments and Gram matrices, whatever
 ``--precision`` says; logistic trains in ``result.precision``."""

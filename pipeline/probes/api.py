@@ -49,7 +49,7 @@ from actcache.probes._train import (
     solve,
 )
 from actcache.read import bound_allocator
-from actcache.schemas.probe import Precision, ProbeConfig, ProbeKind
+from actcache.schemas.probe import TOKEN_PROBES, Precision, ProbeConfig, ProbeKind
 from actcache.workers.devices import pick_device
 
 #: Per layer: (hidden, out) standardised-space weight and (out,) bias.
@@ -76,6 +76,9 @@ class ProbeResult:
     """Rows × layers read from the store over the run, in full passes over its used rows."""
     choice: Choice | None = None
     """How ``precision`` was decided, with the measured figures (``_precision``)."""
+    positions: pd.DataFrame | None = None
+    """token-logistic: ``layer, probe, position, n_test_tokens, test_accuracy`` per token
+    position of the test rows (``_tokenrun``)."""
 
     @property
     def score_column(self) -> str:
@@ -170,6 +173,10 @@ def train_probes(store: Any, config: ProbeConfig) -> ProbeResult:
     # Confident logits underflow exp() into subnormals, which x86 computes ~100x slower.
     flushed = torch.set_flush_denormal(True)
     try:
+        if any(kind in TOKEN_PROBES for kind in config.probes):
+            from actcache.probes._tokenrun import train_token_probes
+
+            return train_token_probes(store, config)
         return _train_probes(store, config)
     finally:
         if flushed:

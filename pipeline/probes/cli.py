@@ -69,7 +69,7 @@ def build_config(config: Path | None, overrides: dict[str, Any]) -> Any:
 FLAGS = {"label": "--label", "pooling": "--pooling", "layers": "--layers", "probes": "--probe",
          "task": "--task", "split_column": "--split-column", "test_fraction": "--test-fraction",
          "max_memory": "--max-memory", "precision": "--precision", "seed": "--seed",
-         "out": "--out"}
+         "out": "--out", "skip_positions": "--skip-positions", "epochs": "--epochs"}
 
 
 def typed_flags(overrides: dict[str, Any]) -> dict[str, str]:
@@ -86,7 +86,8 @@ def probe_command(
     pooling: Annotated[str | None, typer.Option(help="Stored pooling to read.")] = None,
     layers: Annotated[str | None, typer.Option(help="'all' or indices like 0,3,-1.")] = None,
     probe: Annotated[list[str] | None, typer.Option(
-        help="logistic, ridge or mean-diff; repeat or comma-separate for several.")] = None,
+        help="logistic, ridge or mean-diff; with --pooling tokens attentive, moment or "
+             "token-logistic; repeat or comma-separate for several.")] = None,
     task: Annotated[Task | None, typer.Option(
         help="auto: regression (ridge on the number) when the label column is numeric with "
              "non-integer or more than 20 distinct values.")] = None,
@@ -99,6 +100,10 @@ def probe_command(
     precision: Annotated[Precision | None, typer.Option(
         help="auto: bf16 only where a timed step projects the whole fit faster than fp32.")
     ] = None,
+    skip_positions: Annotated[int | None, typer.Option(
+        help="Token probes: leading positions left out of every row (default: an image "
+             "store's prefix tokens, else 0).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Token probes: AdamW epochs.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seeds control labels and splits.")] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for metrics, probes and plot.")] = None,
 ) -> None:
@@ -111,6 +116,7 @@ def probe_command(
         "probes": kinds, "task": task, "split_column": split_column,
         "test_fraction": test_fraction,
         "max_memory": max_memory, "precision": precision, "seed": seed,
+        "skip_positions": skip_positions, "epochs": epochs,
         "out": None if out is None else str(out),
     })
     from actcache.probes._report import print_report, write_outputs
