@@ -28,7 +28,12 @@ COLUMNS = ["store_a", "layer_a", "store_b", "layer_b", "metric", "value", "n_row
 DEFAULT_MAX_MEMORY = 2 * 10**9
 """Bytes for sums and blocks when none is given: all pairs of a 13-layer, 768-wide model
 against another fit in one pass (about 0.7 GB of float64 cross products)."""
-MAX_BLOCK_BYTES = 32 * 2**20
+MAX_BLOCK_BYTES = 256 * 2**20
+"""float32 bytes of one block of all the layers of a pass, at most. Larger than the read
+path's 32 MiB: the rows of a block are the inner dimension of the products (BLAS runs
+slower below a few thousand), and when the two stores hold the shared ids in different
+orders every block of A reads the chunks of B that hold its rows, so B is read once per
+block of A."""
 BYTES_PER_VALUE = 20
 """Per value of a block: float32 twice (the block and the one read behind it), float64
 once (the shifted block the products read), and a margin for the stored values in

@@ -155,3 +155,30 @@ def test_stores_without_shared_ids_are_refused(tmp_path):
                         rows_per_unit=8)
     with pytest.raises(ConfigError, match="no id is in both stores"):
         compare(a, b)
+
+
+@pytest.mark.parametrize(("pairs", "full"), [
+    ([(0, 2), (0, 3), (1, 2), (1, 3), (0, 0), (1, 1), (2, 2), (3, 3)], False),
+    ([(u, v) for u in range(4) for v in range(u, 4)], True),
+    ([(1, 1), (3, 3)], False),
+    ([(2, 0), (3, 3), (0, 0), (2, 2)], False),
+], ids=["two-stores", "against-itself", "own-only", "right-before-left"])
+def test_moments_of_either_layout_equal_direct_sums(pairs, full):
+    from actcache.similarity import _moments
+
+    rng = np.random.default_rng(6)
+    widths = [5, 3, 7, 4]
+    feats = [rng.normal(size=(133, w)) * rng.uniform(1, 50) + rng.uniform(-300, 300, size=w)
+             for w in widths]
+    assert _moments.layout(widths, pairs).full is full
+    cuts = [0, 50, 120, 133]  # uneven blocks, the last one short
+    blocks = [[f[lo:hi].astype(np.float32) for f in feats] for lo, hi in zip(cuts, cuts[1:])]
+    got = _moments.accumulate(blocks, widths, pairs)
+    for u, v in pairs:
+        x, y = (feats[i].astype(np.float32).astype(np.float64) for i in (u, v))
+        x, y = x - x.mean(0), y - y.mean(0)
+        s = got[u, v]
+        assert s.n == 133
+        assert s.cross == pytest.approx(np.linalg.norm(x.T @ y) ** 2, rel=1e-10)
+        assert s.diag == pytest.approx(float(np.sum((x * x).sum(1) * (y * y).sum(1))), rel=1e-10)
+        assert (s.trace_x, s.trace_y) == pytest.approx(((x * x).sum(), (y * y).sum()), rel=1e-10)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,6 +15,8 @@ from actcache.cli import main
 from actcache.similarity.api import COLUMNS
 from actcache.testing import synthetic_store
 from tests.pipeline.compare import _reference as ref
+
+CONSOLE = Path(sys.executable).with_name("actcache")
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +73,31 @@ def test_unknown_metric_is_a_usage_error(two, capsys):
     a, _, _, _ = two
     assert main(["compare", a, "--metric", "procrustes"]) == 2
     assert "procrustes" in capsys.readouterr().err
+
+
+def _console(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([str(CONSOLE), *args], capture_output=True, text=True, env=env,
+                          timeout=120, check=False)
+
+
+def test_console_script_writes_both_files(two, tmp_path):
+    a, b, x, y = two
+    out = tmp_path / "real"
+    done = _console("compare", a, b, "--metric", "cka-debiased", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    frame = pd.read_csv(out / "similarity.csv")
+    assert len(frame) == 6 and set(frame["metric"]) == {"cka-debiased"}
+    first = frame.iloc[0]
+    assert first["value"] == pytest.approx(ref.cka_debiased(x[0], y[0]), abs=1e-6)
+    assert (out / "similarity.png").read_bytes().startswith(b"\x89PNG")
+    assert "6 layer pairs on 120 rows shared by id" in done.stdout
+
+
+def test_console_script_bad_input_is_one_line_and_exit_2(two, tmp_path):
+    a, _, _, _ = two
+    done = _console("compare", a, str(tmp_path / "nowhere.zarr"), "--out", str(tmp_path / "o"))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "nowhere.zarr" in lines[0]
+    assert not (tmp_path / "o").exists()
