@@ -62,6 +62,11 @@ class ProbeKind(StrEnum):
 TOKEN_PROBES = (ProbeKind.ATTENTIVE, ProbeKind.MOMENT, ProbeKind.TOKEN_LOGISTIC)
 
 
+LINEAR_PROBES = (ProbeKind.LOGISTIC, ProbeKind.RIDGE, ProbeKind.MEAN_DIFF)
+"""Probes of one vector per row and a linear score: those ``group_column`` and
+``eval_store`` train and score."""
+
+
 class Task(StrEnum):
     """What the label column asks of a probe."""
 
@@ -115,6 +120,15 @@ class ProbeConfig(Frozen):
     val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     """The fraction of train used to choose the strength (by a hash of the id), unless the
     split column has ``val`` rows."""
+
+    group_column: str | None = Field(default=None, min_length=1)
+    """A metadata column naming each row's group (domain, source, language). Besides the
+    pooled run, each group's probes are trained on that group's train rows alone (strength
+    chosen on its validation rows) and scored on every group's test rows: ``transfer.csv``
+    and ``transfer.png``. Rows without a group value take part in the pooled run only."""
+    eval_store: str | None = Field(default=None, min_length=1)
+    """Another store of the same model, layers and pooling: the probes trained here are
+    also scored on every row of it that has a label (its split is ignored): ``eval.csv``."""
 
     strengths: tuple[float, ...] = Field(default_factory=_default_strengths)
     """The grid of C values (inverse L2 strength on the summed loss), default logspace(-4, 2, 7)."""
@@ -196,6 +210,23 @@ class ProbeConfig(Frozen):
             raise ValueError("`weight_decays` must be a non-empty list of values >= 0")
         if not self.strengths or any(c <= 0 for c in self.strengths):
             raise ValueError("`strengths` must be a non-empty list of positive C values")
+        self._cross_transfer()
         if self.max_memory < 1 << 20:
             raise ValueError(f"`max_memory` of {self.max_memory} bytes is too small; give at least 1MiB")
         return self
+
+    def _cross_transfer(self) -> None:
+        for name in ("group_column", "eval_store"):
+            if getattr(self, name) is None:
+                continue
+            if self.task == Task.REGRESSION:
+                raise ValueError(f"`{name}` needs class labels, not a regression: drop it or "
+                                 "use --task classification")
+            other = [p.value for p in self.probes if p not in LINEAR_PROBES]
+            if other:
+                raise ValueError(f"`{name}` applies to the linear probes (logistic, ridge, "
+                                 f"mean-diff), not {', '.join(other)}: probe those apart")
+        if self.group_column is not None and self.group_column == self.label:
+            raise ValueError("`group_column` is the label column: group by another column")
+        if self.group_column is not None and self.group_column == self.split_column:
+            raise ValueError("`group_column` is the split column: group by another column")

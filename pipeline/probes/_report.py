@@ -1,4 +1,5 @@
-"""Write a probe run: metrics.csv, probes.safetensors, layers.png, and a terminal table."""
+"""Write a probe run: metrics.csv, probes.safetensors, layers.png (with groups, transfer.csv
+and transfer.png; with an eval store, eval.csv), and a terminal table."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from actcache.probes._transfer_report import print_extras, write_extras
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -25,6 +28,7 @@ def write_outputs(result: ProbeResult, out: str | Path) -> Path:
     plot_layers(result, folder / "layers.png")
     if result.positions is not None:  # token-logistic: accuracy at each token position
         result.positions.to_csv(folder / "positions.csv", index=False, float_format="%.6g")
+    write_extras(result, folder)
     return folder
 
 
@@ -146,6 +150,7 @@ def print_report(result: ProbeResult, console: Console, out: Path | None = None)
     if unconverged:
         console.print(f"warning: {unconverged} logistic fits stopped at the pass limit before "
                       "reaching the tolerance (tol); a larger --max-memory gives a larger sample")
+    print_extras(result, console)
     console.print(summary_line(result, out))
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from actcache.probes import _closed, _eval, _newton, _precision
+from actcache.probes import _closed, _eval, _newton, _precision, _transfer
 from actcache.probes._data import (
     FIT,
     VAL,
@@ -76,6 +76,11 @@ class ProbeResult:
     """Rows × layers read from the store over the run, in full passes over its used rows."""
     choice: Choice | None = None
     """How ``precision`` was decided, with the measured figures (``_precision``)."""
+    transfer: pd.DataFrame | None = None
+    """With ``group_column``: ``layer, probe, train_group, test_group, n_test,
+    test_accuracy, test_auroc`` (``_transfer``)."""
+    evaluation: pd.DataFrame | None = None
+    """With ``eval_store``: the probes scored on that store's labelled rows (``_transfer``)."""
     positions: pd.DataFrame | None = None
     """token-logistic: ``layer, probe, position, n_test_tokens, test_accuracy`` per token
     position of the test rows (``_tokenrun``)."""
@@ -186,11 +191,40 @@ def train_probes(store: Any, config: ProbeConfig) -> ProbeResult:
 def _train_probes(store: Any, config: ProbeConfig) -> ProbeResult:
     store = _open(store)
     data = prepare(store, config)
+    # Checked before any training: a bad group column or eval store fails at once.
+    groups = _transfer.plan_groups(store, data, config) if config.group_column else None
+    target = _transfer.open_target(store, data, config) if config.eval_store else None
     device = pick_device()
     cols = max(len(config.strengths), 2) * data.n_targets * 2
     decider = _Decider(config, device)
-    block_rows, cache = plan_blocks(store, data, config.max_memory, cols)
     reads = Reads()
+    source, mom, fitted, iterations = _fit(store, data, config, device, decider, cols, reads)
+    segments, weights, bias = _stack(fitted, data, device, config.control)
+    _eval.score_pass(source, data, weights, bias, segments)
+    del source  # its cached blocks: each group's fit below may take the whole budget again
+    metrics = _metrics(segments, fitted, data, config.control)
+    if not data.regression:
+        metrics = _eval.with_intervals(metrics, segments, config.seed)
+    tensors, meta = _tensors(fitted, data, mom, store, config)
+    transfer = evaluation = None
+    if groups is not None:
+        # Reads of its own: ``passes`` reports the pooled run's reads, as without groups.
+        transfer = _transfer.transfer(store, groups, config, device, lambda d, c: _fit(
+            store, d, c, device, decider, cols, Reads())[1:3])
+    if target is not None:
+        evaluation = _transfer.evaluate(target, tensors, config, device)
+    choice = decider.final()
+    meta["precision"] = choice.metadata()
+    return ProbeResult(metrics, tensors, meta, data.classes, str(device), choice.name,
+                       iterations, meta["task"], round(reads.passes(data, len(data.layers)), 2),
+                       choice, transfer, evaluation)
+
+
+def _fit(store: Any, data: ProbeData, config: ProbeConfig, device: torch.device,
+         decider: _Decider, cols: int, reads: Reads
+         ) -> tuple[BlockSource, _closed.Moments, Fitted, dict[str, int]]:
+    """Every probe on the used rows of ``data``; the source of standardised blocks to score."""
+    block_rows, cache = plan_blocks(store, data, config.max_memory, cols)
     if cache:
         source = BlockSource(store, data, block_rows, True, config.seed, reads)
         mom, fitted, iterations = _fit_group(source, data, config, device, decider)
@@ -201,17 +235,7 @@ def _train_probes(store: Any, config: ProbeConfig) -> ProbeResult:
                                                 reads)
         source = BlockSource(store, data, block_rows, False, config.seed, reads)
         source.set_transform(_standardiser(mom, device, torch.float32))
-    segments, weights, bias = _stack(fitted, data, device, config.control)
-    _eval.score_pass(source, data, weights, bias, segments)
-    metrics = _metrics(segments, fitted, data, config.control)
-    if not data.regression:
-        metrics = _eval.with_intervals(metrics, segments, config.seed)
-    tensors, meta = _tensors(fitted, data, mom, store, config)
-    choice = decider.final()
-    meta["precision"] = choice.metadata()
-    return ProbeResult(metrics, tensors, meta, data.classes, str(device), choice.name,
-                       iterations, meta["task"], round(reads.passes(data, len(data.layers)), 2),
-                       choice)
+    return source, mom, fitted, iterations
 
 
 #: Rows the precision is timed on: enough for a step to be arithmetic, not overhead.

@@ -69,7 +69,8 @@ def build_config(config: Path | None, overrides: dict[str, Any]) -> Any:
 FLAGS = {"label": "--label", "pooling": "--pooling", "layers": "--layers", "probes": "--probe",
          "task": "--task", "split_column": "--split-column", "test_fraction": "--test-fraction",
          "max_memory": "--max-memory", "precision": "--precision", "seed": "--seed",
-         "out": "--out", "skip_positions": "--skip-positions", "epochs": "--epochs"}
+         "out": "--out", "group_column": "--group-column", "eval_store": "--eval-store",
+         "skip_positions": "--skip-positions", "epochs": "--epochs"}
 
 
 def typed_flags(overrides: dict[str, Any]) -> dict[str, str]:
@@ -95,6 +96,12 @@ def probe_command(
         help="Column with train/test/val values fixing the split.")] = None,
     test_fraction: Annotated[float | None, typer.Option(
         help="Fraction held out for test by a hash of the id.")] = None,
+    group_column: Annotated[str | None, typer.Option(
+        help="Column naming each row's group: also train per group, test on every group "
+             "(transfer.csv, transfer.png).")] = None,
+    eval_store: Annotated[str | None, typer.Option(
+        help="Another store of the same model, layers and pooling: score the probes on its "
+             "labelled rows (eval.csv).")] = None,
     max_memory: Annotated[str | None, typer.Option(
         help="Memory budget for activation blocks, e.g. 512MB.")] = None,
     precision: Annotated[Precision | None, typer.Option(
@@ -114,7 +121,7 @@ def probe_command(
         "label": label, "pooling": pooling,
         "layers": None if layers is None else parse_layers(layers),
         "probes": kinds, "task": task, "split_column": split_column,
-        "test_fraction": test_fraction,
+        "test_fraction": test_fraction, "group_column": group_column, "eval_store": eval_store,
         "max_memory": max_memory, "precision": precision, "seed": seed,
         "skip_positions": skip_positions, "epochs": epochs,
         "out": None if out is None else str(out),
@@ -124,7 +131,8 @@ def probe_command(
     from actcache.terminal import console
 
     overrides = {"pooling": pooling, "layers": layers, "probes": probe, "task": task,
-                 "label": label, "split_column": split_column}
+                 "label": label, "split_column": split_column, "group_column": group_column,
+                 "eval_store": eval_store}
     with flag_names(typed_flags(overrides)):
         result = train_probes(store, cfg)
     folder = write_outputs(result, cfg.out)
