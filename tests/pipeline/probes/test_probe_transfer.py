@@ -327,3 +327,24 @@ def test_probe_yaml_takes_both_fields(capsys, stores, tmp_path):
     assert code == 0, err
     assert (tmp_path / "o" / "transfer.csv").exists()
     assert (tmp_path / "o" / "eval.csv").exists()
+
+
+@pytest.mark.slow
+def test_transfer_out_of_core_matches_in_memory(tmp_path, monkeypatch):
+    """Groups whose rows exceed --max-memory are fitted streamed, scored in budget-sized
+    blocks, and give the in-memory matrix (the out-of-core tolerance of the pooled run)."""
+    from actcache.probes import api
+
+    x, y, group = _values(7200, 48, 2, seed=4)
+    split = np.where(np.arange(7200) % 4 == 0, "test", "train")
+    store = _write(str(tmp_path / "s.zarr"), x, y, group, split)
+    cfg = {"label": "label", "split_column": "split", "group_column": "domain",
+           "probes": PROBES, "precision": "fp32"}
+    memory = train_probes(store, ProbeConfig(**cfg)).transfer
+    streamed = []
+    fit_streamed = api._fit_streamed
+    monkeypatch.setattr(api, "_fit_streamed", lambda store, data, *a: streamed.append(
+        data.count(1, 2)) or fit_streamed(store, data, *a))
+    result = train_probes(store, ProbeConfig(**cfg, max_memory="1MiB"))
+    assert len(streamed) == 1 + len(GROUPS)  # the pooled run, then every group
+    pd.testing.assert_frame_equal(result.transfer, memory, atol=1e-4, rtol=0)
