@@ -35,6 +35,7 @@ from actcache.probes._tokens import (
     prepare_tokens,
     schedule,
     scoring_batches,
+    window_tokens,
 )
 from actcache.read import bound_allocator
 from actcache.schemas.probe import ProbeConfig, ProbeKind
@@ -80,7 +81,8 @@ def train_token_probes(store: Any, config: ProbeConfig) -> Any:
     results: list[tuple[tuple[int, ...], list[Heads], dict[str, Scores], Any]] = []
     for lo in range(0, len(data.layers), group):
         layers = data.layers[lo:lo + group]
-        source = TokenSource(store, sets, layers, cache, reads)
+        source = TokenSource(store, sets, layers, cache, reads,
+                             window_tokens(sets, config.batch_size))
         mean, std = moments(source)
         source.standardise(mean, std)
         heads = [Heads(kind, layers, data.hidden, k, tasks, len(config.weight_decays),

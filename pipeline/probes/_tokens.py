@@ -1,9 +1,9 @@
 """Token sets for the token probes: labels and splits, pieces, the epoch's batches, reads.
 
 A *piece* is one reader plan over the used rows (``StoreReader.plans``): whole rows in
-physical order, cut before it passes ``PIECE_TOKENS`` tokens. An epoch permutes the pieces
-(seeded by ``(seed, epoch)``), groups consecutive pieces into *windows* of about
-``WINDOW_TOKENS`` tokens, and shuffles the fit rows of each window (seeded by ``(seed,
+physical order, cut before it passes ``PIECE_BYTES`` of one layer. An epoch permutes the
+pieces (seeded by ``(seed, epoch)``), groups consecutive pieces into *windows* of about
+``WINDOW_BYTES`` of one layer (``window_tokens``), and shuffles the fit rows of each window (seeded by ``(seed,
 epoch, window)``) into batches of ``batch_size`` rows. So a batch mixes rows from several
 pieces far apart in the store (a store sorted by label does not give one-class batches),
 and the whole schedule is a function of the seed, the epoch and the store's layout, never of
@@ -43,11 +43,13 @@ from actcache.schemas.errors import (
 )
 from actcache.schemas.probe import ProbeConfig, Task
 
-#: Tokens a piece holds at most (a longer row is a piece alone): a few reads' worth, so an
-#: epoch's permutation of pieces mixes the store finely.
-PIECE_TOKENS = 2048
-#: Tokens of the pieces whose rows are shuffled together into batches.
-WINDOW_TOKENS = 16384
+#: float32 bytes of one layer a piece holds at most (a longer row is a piece alone): a few
+#: reads' worth, so an epoch's permutation of pieces mixes the store finely.
+PIECE_BYTES = 4 * 2**20
+#: float32 bytes of one layer whose rows are shuffled together into batches (a window),
+#: unless ``WINDOW_BATCHES`` batches of rows of average length need more.
+WINDOW_BYTES = 32 * 2**20
+WINDOW_BATCHES = 4
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,7 @@ def prepare_tokens(store: Any, config: ProbeConfig) -> TokenSets:
     control = _control_labels(store.ids, y, train, len(classes), config.seed)
     data = ProbeData(layers, "tokens", classes, y, control, role, int(store.hidden_size))
     used = np.flatnonzero(role != UNUSED)
-    plans = store.reader.plans("tokens", used, PIECE_TOKENS * data.hidden * 4, 1)
+    plans = store.reader.plans("tokens", used, max(PIECE_BYTES, data.hidden * 4), 1)
     lengths = np.where(role != UNUSED, kept, 0)
     piece_tokens = np.array([int(lengths[_piece_rows(p)].sum()) for p in plans], np.int64)
     piece_raw = np.array([len(p) for p in plans], np.int64)
@@ -185,12 +187,21 @@ class Schedule:
         return out
 
 
-def windows_of(order: np.ndarray, tokens: np.ndarray) -> list[list[int]]:
-    """Consecutive pieces of ``order`` grouped while their tokens fit ``WINDOW_TOKENS``."""
+def window_tokens(sets: TokenSets, batch_size: int) -> int:
+    """Tokens a window holds: ``WINDOW_BYTES`` of one layer, or ``WINDOW_BATCHES`` batches
+    of rows of average length where that is more (long rows of a wide model), so that a
+    window always mixes several batches' rows. A function of the layout, not the budget."""
+    rows = max(1, int((sets.data.role != UNUSED).sum()))
+    mean = int(sets.piece_raw.sum()) / rows
+    return max(WINDOW_BYTES // (4 * sets.data.hidden), int(WINDOW_BATCHES * batch_size * mean))
+
+
+def windows_of(order: np.ndarray, tokens: np.ndarray, limit: int) -> list[list[int]]:
+    """Consecutive pieces of ``order`` grouped while their tokens fit ``limit``."""
     out: list[list[int]] = []
     used = 0
     for p in order:
-        if out and used + int(tokens[p]) <= WINDOW_TOKENS:
+        if out and used + int(tokens[p]) <= limit:
             out[-1].append(int(p))
             used += int(tokens[p])
         else:
@@ -202,11 +213,12 @@ def windows_of(order: np.ndarray, tokens: np.ndarray) -> list[list[int]]:
 def schedule(sets: TokenSets, epochs: int, batch_size: int, seed: int) -> Schedule:
     """The training batches of every epoch (a pure function of the layout and the seed)."""
     role = sets.data.role
+    limit = window_tokens(sets, batch_size)
     out = []
     for epoch in range(epochs):
         order = np.random.default_rng([seed, epoch]).permutation(len(sets.plans))
         items = []
-        for w, window in enumerate(windows_of(order, sets.piece_raw)):
+        for w, window in enumerate(windows_of(order, sets.piece_raw, limit)):
             piece, local = [], []
             for i, p in enumerate(window):
                 rows = _piece_rows(sets.plans[p])
@@ -265,6 +277,8 @@ class TokenSource:
     layers: tuple[int, ...]
     cache: bool
     reads: Reads
+    limit: int
+    """Tokens of a window (``window_tokens``)."""
     mean: np.ndarray | None = None
     std: np.ndarray | None = None
     _kept: dict[int, Piece] = field(default_factory=dict)
@@ -313,7 +327,7 @@ class TokenSource:
 
     def in_order(self) -> list[list[int]]:
         """All pieces, physical order, in windows (for the moments and the scoring)."""
-        return windows_of(np.arange(len(self.sets.plans)), self.sets.piece_raw)
+        return windows_of(np.arange(len(self.sets.plans)), self.sets.piece_raw, self.limit)
 
 
 def moments(source: TokenSource) -> tuple[np.ndarray, np.ndarray]:
@@ -350,7 +364,7 @@ def plan_memory(sets: TokenSets, budget: int, batch_size: int, per_token_work: i
     total = int(sets.piece_raw.sum())
     if total * hidden * 4 * n_layers + batch * n_layers <= budget:
         return True, n_layers
-    window = max(int(w) for w in _window_sizes(sets))
+    window = max(window_tokens(sets, batch_size), int(sets.piece_raw.max()))
     per_layer = (2 * window + int(sets.piece_raw.max())) * hidden * 4 + batch
     group = budget // per_layer
     if group < 1:
@@ -359,8 +373,3 @@ def plan_memory(sets: TokenSets, budget: int, batch_size: int, per_token_work: i
             f"({per_layer} bytes): give at least {-(-per_layer // 2**20)}MiB or a smaller "
             "batch_size")
     return False, int(min(group, n_layers))
-
-
-def _window_sizes(sets: TokenSets) -> list[int]:
-    # A window never holds more than WINDOW_TOKENS or its single largest piece.
-    return [max(WINDOW_TOKENS, int(sets.piece_raw.max()))]

@@ -132,8 +132,9 @@ def test_out_of_core_equals_in_memory(monkeypatch):
     """A store ten times --max-memory, read again every pass and its layers trained in
     groups, gives the heads and metrics of the run that keeps every token in memory."""
     # Small pieces and windows, so that the small store spans many of each.
-    monkeypatch.setattr(_tokens, "PIECE_TOKENS", 256)
-    monkeypatch.setattr(_tokens, "WINDOW_TOKENS", 1024)
+    monkeypatch.setattr(_tokens, "PIECE_BYTES", 256 * 32 * 4)
+    monkeypatch.setattr(_tokens, "WINDOW_BYTES", 1024 * 32 * 4)
+    monkeypatch.setattr(_tokens, "WINDOW_BATCHES", 1)
     store = key_token_store("memory://tok-ooc", 960, hidden=32, layers=3, lengths=(20, 40))
     stored = int(store.token_lengths().sum()) * 32 * 4 * 3
     budget = 2**20
