@@ -161,10 +161,13 @@ def summary_line(result: ProbeResult, out: Path | None = None) -> str:
             f"{best[result.score_column]:.3f}")
     if not np.isnan(best["selectivity"]):
         line += f", selectivity {best['selectivity']:.3f}"
+    probes = list(result.metrics["probe"].unique())
+    # One decision serves every probe it covers: its reason follows the last of them.
+    last = max((i for i, p in enumerate(probes) if p in CHOSEN), default=-1)
     used = ", ".join(f"{probe} in {PRECISION.get(str(probe), result.precision)}"
-                     + (f" ({result.choice.summary()})" if probe in CHOSEN
+                     + (f" ({result.choice.summary()})" if i == last
                         and result.choice is not None else "")
-                     for probe in result.metrics["probe"].unique())
+                     for i, probe in enumerate(probes))
     line += f"); trained on {result.device}: {used}"
     return line + (f"; wrote {out}" if out is not None else "")
 
