@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actcache.schemas.errors import ConfigError, InputFileNotFoundError
+from actcache.schemas.errors import ConfigError, InputDataError, InputFileNotFoundError
 from actcache.similarity._plot import display_name
 
 DEPTHS = ("relative", "absolute")
@@ -53,11 +53,20 @@ def read_run(folder: str | Path, depth: str = "relative", probe: str | None = No
     if not metrics_path.is_file():
         raise InputFileNotFoundError(
             f"{folder} has no metrics.csv: give folders written by `actcache probe --out DIR`")
-    metrics = pd.read_csv(metrics_path)
+    try:
+        metrics = pd.read_csv(metrics_path)
+    except (ValueError, pd.errors.ParserError) as e:  # EmptyDataError is a ValueError
+        raise InputDataError(f"{metrics_path} is not a readable CSV ({e})") from None
     meta = _metadata(folder / "probes.safetensors")
     regression = meta.get("task") == "regression" or (
-        "test_r2" in metrics and metrics.get("test_accuracy", pd.Series(dtype=float)).isna().all())
+        "test_r2" in metrics and "test_accuracy" not in metrics)
     task = "regression" if regression else "classification"
+    score_col = "test_r2" if regression else "test_accuracy"
+    missing = [c for c in ("layer", "probe", score_col) if c not in metrics]
+    if missing or metrics.empty:
+        raise InputDataError(
+            f"{metrics_path} is not the metrics.csv of a probe run (no rows, or no "
+            f"{', '.join(missing)} column): give folders written by `actcache probe --out DIR`")
     probes = list(dict.fromkeys(metrics["probe"]))
     chosen = probe if probe is not None else probes[0]
     if chosen not in probes:
@@ -65,13 +74,14 @@ def read_run(folder: str | Path, depth: str = "relative", probe: str | None = No
     rows = metrics[metrics["probe"] == chosen].sort_values("layer")
     layers = rows["layer"].to_numpy(dtype=np.int64)
     n_layers = _n_layers(meta, layers)
-    score_col = "test_r2" if regression else "test_accuracy"
-    has_band = not regression and "test_accuracy_low" in rows and rows["test_accuracy_low"].notna().any()
+    has_band = (not regression and "test_accuracy_low" in rows
+                and bool(rows["test_accuracy_low"].notna().any()))
     chance = 0.0
     if not regression:
         chance = float(rows["majority_baseline"].iloc[0]) if "majority_baseline" in rows else np.nan
     curve = Curve(
-        label=display_name(meta["model"]) if meta.get("model") else folder.name, folder=folder, probe=chosen, layers=layers,
+        label=display_name(meta["model"]) if meta.get("model") else folder.name,
+        folder=folder, probe=chosen, layers=layers,
         depth=layers / n_layers if depth == "relative" else layers.astype(float),
         score=rows[score_col].to_numpy(dtype=float),
         low=rows["test_accuracy_low"].to_numpy(dtype=float) if has_band else None,

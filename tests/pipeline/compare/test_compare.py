@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -172,7 +174,7 @@ def test_moments_of_either_layout_equal_direct_sums(pairs, full):
              for w in widths]
     assert _moments.layout(widths, pairs).full is full
     cuts = [0, 50, 120, 133]  # uneven blocks, the last one short
-    blocks = [[f[lo:hi].astype(np.float32) for f in feats] for lo, hi in zip(cuts, cuts[1:])]
+    blocks = [[f[lo:hi].astype(np.float32) for f in feats] for lo, hi in itertools.pairwise(cuts)]
     got = _moments.accumulate(blocks, widths, pairs)
     for u, v in pairs:
         x, y = (feats[i].astype(np.float32).astype(np.float64) for i in (u, v))

@@ -104,10 +104,15 @@ def test_command_writes_the_plot_and_names_each_best_layer(runs, tmp_path, capsy
     (["small", "regression"], [], "error: cannot overlay regression runs ("),
     (["small", "missing"], [], "has no metrics.csv: give folders written by `actcache probe"),
     (["small"], ["--probe", "ridge"], "has no 'ridge' probe; its probes: logistic"),
-], ids=["regression-mixed", "no-metrics", "no-such-probe"])
+    (["other"], [], "is not the metrics.csv of a probe run (no rows, or no test_accuracy"),
+    (["empty"], [], "metrics.csv is not a readable CSV"),
+], ids=["regression-mixed", "no-metrics", "no-such-probe", "other-csv", "empty-csv"])
 def test_bad_input_exits_2_with_one_error_line(runs, tmp_path, capsys, which, extra, said):
     folders = [str(runs.get(w, tmp_path / w)) for w in which]
-    (tmp_path / "missing").mkdir()
+    for name in ("missing", "other", "empty"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "other" / "metrics.csv").write_text("layer,probe,train_group\n0,logistic,a\n")
+    (tmp_path / "empty" / "metrics.csv").write_text("")
     assert main(["plot", *folders, *extra, "--out", str(tmp_path / "d.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and said in err[0], err
