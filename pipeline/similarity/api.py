@@ -27,7 +27,8 @@ METRICS = ("cka", "cka-debiased", "mutual-knn")
 COLUMNS = ["store_a", "layer_a", "store_b", "layer_b", "metric", "value", "n_rows"]
 DEFAULT_MAX_MEMORY = 2 * 10**9
 """Bytes for sums and blocks when none is given: all pairs of a 13-layer, 768-wide model
-against another fit in one pass (about 0.7 GB of float64 cross products)."""
+against another fit in one pass (about 0.9 GB of float64 products: 9,984² for A by B,
+768² for each layer alone)."""
 MAX_BLOCK_BYTES = 256 * 2**20
 """float32 bytes of one block of all the layers of a pass, at most. Larger than the read
 path's 32 MiB: the rows of a block are the inner dimension of the products (BLAS runs
