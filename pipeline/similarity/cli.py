@@ -79,7 +79,7 @@ class Depth(StrEnum):
 
 def plot_command(
     runs: Annotated[list[Path], typer.Argument(
-        metavar="RESULT_DIR...",
+        metavar="RESULT_DIR",
         help="Probe result folders (written by `actcache probe --out`), one line each.")],
     depth: Annotated[Depth, typer.Option(
         help="x axis: relative (layer / number of layers) or absolute (layer).")
