@@ -27,11 +27,17 @@ def widen(values: np.ndarray, dtype: str, out: np.ndarray) -> None:
     if values.dtype == np.float32:
         np.copyto(out, values)
         return
-    with warnings.catch_warnings():
-        # zarr hands back read-only arrays; torch warns about writes that never happen here.
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable",
-                                UserWarning)
-        src = torch.from_numpy(np.ascontiguousarray(values))
+    values = np.ascontiguousarray(values)
+    if values.flags.writeable:
+        src = torch.from_numpy(values)
+    else:
+        # Silencing a warning changes process-wide state (and is not thread-safe), so only
+        # where there is one: zarr hands back read-only arrays, and torch warns about
+        # writes that never happen here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable",
+                                    UserWarning)
+            src = torch.from_numpy(values)
     if dtype == "bfloat16":
         src = src.view(torch.bfloat16)  # the stored bits are bfloat16's: widening is exact
     torch.from_numpy(out).copy_(src)

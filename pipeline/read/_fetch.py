@@ -34,6 +34,9 @@ T = TypeVar("T")
 #: Threads that read, check and work on whole local shards at once (``map_shards``):
 #: two measured 1.5x one on 2 cores, where reading and scoring share the memory bus.
 SHARD_WORKERS = 2
+#: Shard bytes a ``map_shards`` thread takes at once: enough that handing results over
+#: costs little next to the work, few enough that two threads stay busy.
+TASK_BYTES = 4 * 2**20
 #: Reads of one block in flight at once on a remote store.
 IN_FLIGHT = 16
 #: Reads fetched at once on a local store: the caller's and the next.
@@ -184,23 +187,24 @@ class Fetcher:
         if not self.local:
             return None
         # Reads of one unit that a block boundary cut in two are one range here.
-        spans: list[tuple[str, int, int, int, np.ndarray]] = []
+        spans: list[tuple[str, int, int, int, list[np.ndarray]]] = []
         for plan in plans:
             for read in plan.reads:
-                key = plan.key(layer, read.unit)
                 if read.take is not None or not isinstance(read.dest, slice):
                     return None
+                key = plan.key(layer, read.unit)
                 rows = plan.rows[read.dest]
                 if spans and spans[-1][0] == key and spans[-1][3] == read.lo:
-                    _, unit, lo, _, before = spans[-1]
-                    spans[-1] = (key, unit, lo, read.hi, np.concatenate([before, rows]))
+                    _, unit, lo, _, parts = spans[-1]
+                    spans[-1] = (key, unit, lo, read.hi, [*parts, rows])
                 else:
-                    spans.append((key, read.unit, read.lo, read.hi, rows))
+                    spans.append((key, read.unit, read.lo, read.hi, [rows]))
         jobs: list[ShardJob] = []
-        for key, unit, lo, hi, rows in spans:
+        for key, unit, lo, hi, parts in spans:
             files = self._files(key, unit)
             if files is None or hi - lo < files.shard // 2:
                 return None
+            rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
             a = lo
             while a < hi:  # one job per shard: each fills one buffer
                 b = min(hi, (a // files.shard + 1) * files.shard)
@@ -209,34 +213,43 @@ class Fetcher:
         return jobs or None
 
     def map_shards(self, jobs: Sequence[ShardJob],
-                   work: Callable[[list[tuple[np.ndarray, np.ndarray]]], T]) -> Iterator[T]:
-        """``work`` of each job's (store rows, values as stored) chunks, in job order, on
+                   work: Callable[[list[tuple[np.ndarray, np.ndarray]]], T]) -> Iterator[list[T]]:
+        """``work`` of each job's (store rows, values as stored) chunks, in job order, in
+        lists of consecutive jobs (``TASK_BYTES`` of shards at least), on
         ``SHARD_WORKERS`` threads that each read a shard into their own reused buffer and
         work on it there, while it is still in the core's cache.
 
         For a search, whose scoring is cheap: reading a shard, checking it and scoring it
         on one thread, two threads at once, measured 0.04 s for a 200,000 x 384 float16
-        layer against 0.08 s for reads handed to the scoring thread (bench_read.py).
+        layer against 0.08 s for reads handed to the scoring thread (bench_read.py); a
+        task of several small shards keeps the handing over from costing more than that.
         """
         local = threading.local()
         size = max(job.files.file_bytes for job in jobs)
+        per_task = max(1, TASK_BYTES // size)
+        tasks = [jobs[i:i + per_task] for i in range(0, len(jobs), per_task)]
 
-        def run(job: ShardJob) -> T:
+        def run(task: Sequence[ShardJob]) -> list[T]:
             buffer = getattr(local, "buffer", None)
             if buffer is None:
                 buffer = local.buffer = bytearray(size)
-            try:
-                parts = job.files.parts(job.lo, job.hi, buffer)
-            except (FileNotFoundError, ChecksumMismatch) as e:
-                raise self._corrupt(job.key, job.unit) from e
-            return work([(job.rows[at:at + len(raw)], raw) for at, raw in parts])
+            out = []
+            for job in task:
+                try:
+                    parts = job.files.parts(job.lo, job.hi, buffer)
+                except (FileNotFoundError, ChecksumMismatch) as e:
+                    raise self._corrupt(job.key, job.unit) from e
+                out.append(work([(job.rows[at:at + len(raw)], raw) for at, raw in parts]))
+            return out
 
         with ThreadPoolExecutor(SHARD_WORKERS, thread_name_prefix="actcache-shard") as pool:
-            pending: deque[Future[T]] = deque()
+            pending: deque[Future[list[T]]] = deque()
             try:
-                for job in jobs:
-                    pending.append(pool.submit(run, job))
-                    if len(pending) > SHARD_WORKERS:
+                for task in tasks:
+                    pending.append(pool.submit(run, task))
+                    # Results are small (a task's scores), so several wait: a thread
+                    # never idles while the caller merges one.
+                    if len(pending) > 4 * SHARD_WORKERS:
                         yield pending.popleft().result()
                 while pending:
                     yield pending.popleft().result()

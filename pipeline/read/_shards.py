@@ -31,7 +31,9 @@ class ChecksumMismatch(ValueError):
 def _checked(data: np.ndarray, what: str) -> np.ndarray:
     """``data`` less its last 4 bytes, which must be the crc32c of the rest."""
     body = data[:-4]
-    if google_crc32c.value(body) != int.from_bytes(data[-4:].tobytes(), "little"):
+    readonly = body.view()
+    readonly.flags.writeable = False  # the checksum library takes read-only buffers only
+    if google_crc32c.value(readonly) != int.from_bytes(data[-4:].tobytes(), "little"):
         raise ChecksumMismatch(f"{what}: checksum mismatch")
     return body
 
@@ -109,7 +111,8 @@ class ShardFiles:
         return out
 
     def _bytes(self, path: Path, buffer: bytearray | None) -> np.ndarray:
-        """The file's bytes, read-only (the checksum library takes only those)."""
+        """The file's bytes: in ``buffer`` when given (writeable, so that torch widens them
+        without a warning to silence), else freshly read."""
         if buffer is None:
             return np.frombuffer(path.read_bytes(), dtype=np.uint8)
         with path.open("rb", buffering=0) as f:
@@ -117,6 +120,4 @@ class ShardFiles:
             if size > len(buffer):
                 raise ChecksumMismatch(f"{path}: {size} bytes, more than its layout holds")
             got = f.readinto(memoryview(buffer)[:size])
-        data = np.frombuffer(buffer, dtype=np.uint8)[:got]
-        data.flags.writeable = False
-        return data
+        return np.frombuffer(buffer, dtype=np.uint8)[:got]

@@ -130,6 +130,7 @@ def test_topk_scores_a_shard_at_a_time(store, monkeypatch) -> None:
 
     monkeypatch.setattr(_search.RunningTopK, "push", push)
     monkeypatch.setattr(_reader, "BLOCK_BYTES", store.chunk_rows * HIDDEN * 4)
+    monkeypatch.setattr(_fetch, "TASK_BYTES", 1)  # a thread's task: one shard
     store.topk(2, np.ones(HIDDEN), 5)
     assert max(sizes) == store.rows_per_unit
     assert sum(sizes) == N
