@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from actcache.probes._transfer_report import print_extras, write_extras
+from actcache.schemas.probe import TOKEN_PROBES
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -132,10 +133,13 @@ def print_report(result: ProbeResult, console: Console, out: Path | None = None)
     if result.task == "regression":
         shown = ["layer", "probe", "strength", "train_r2", "test_r2", "test_mse", "control_r2",
                  "selectivity"]
+    # Token probes choose a weight decay where the linear probes choose C.
+    tokens = set(result.metrics["probe"]) <= {p.value for p in TOKEN_PROBES}
     for col in shown:
         # Short headers keep the table whole in an 80-column terminal; metrics.csv keeps
         # the full names.
-        table.add_column(_HEADERS.get(col, col), justify="right" if col != "probe" else "left")
+        header = "wd" if col == "strength" and tokens else _HEADERS.get(col, col)
+        table.add_column(header, justify="right" if col != "probe" else "left")
     for _, row in result.metrics.iterrows():
         table.add_row(*(_with_interval(row, c) if not regression and c in INTERVALS
                         else _fmt(row[c]) for c in shown))

@@ -61,6 +61,8 @@ def test_token_probes_write_the_linear_probes_outputs(capsys, tmp_path, stores):
     assert json.loads(meta["token_probe"])["epochs"] == 2
     assert (out / "layers.png").exists()
     assert "best layer:" in text
+    header = next(line for line in text.splitlines() if "layer" in line and "probe" in line)
+    assert " wd " in header and " C " not in header  # the strength chosen is a weight decay
 
 
 @pytest.mark.parametrize(
