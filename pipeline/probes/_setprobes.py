@@ -113,10 +113,32 @@ class Heads:
         scores = torch.bmm(flat, q.transpose(1, 2)).reshape(g, n, t, heads * m)
         scores = (scores / math.sqrt(h)).masked_fill(~mask[None, :, :, None], float("-inf"))
         attn = torch.softmax(scores, dim=2)  # over the row's real tokens
+        if k > 1:
+            # Several classes: the folded form would keep heads·queries·k values per token,
+            # so pool first (o_m = Σ_t a_m,t z_t, per row) and classify the pooled rows.
+            pooled = torch.bmm(attn.reshape(g * n, t, heads * m).transpose(1, 2),
+                               x.reshape(g * n, t, h)).reshape(g, n, heads, m * h)
+            logits = torch.einsum("gnad,gadk->gank", pooled, w.reshape(g, heads, m * h, k))
+            return logits.reshape(g, tasks, decays, n, k) + b[..., None, :]
         blocks = w.reshape(g, heads, m, h, k).permute(0, 3, 1, 2, 4).reshape(g, h, -1)
         values = torch.bmm(flat, blocks).reshape(g, n, t, heads * m, k)
         logits = (attn.unsqueeze(-1) * values).sum(2).reshape(g, n, heads, m, k).sum(3)
         return logits.permute(0, 2, 1, 3).reshape(g, tasks, decays, n, k) + b[..., None, :]
+
+
+def work_bytes(kind: ProbeKind, hidden: int, k: int, heads: int, queries: int,
+               max_length: int) -> int:
+    """Bytes of activations and gradients per padded token of a batch, for one layer's
+    ``heads`` (tasks × decays) of ``kind``: what ``forward`` allocates, doubled for the
+    backward pass (float32)."""
+    if kind == ProbeKind.ATTENTIVE:
+        per_token = 2 * heads * queries  # scores and weights
+        if k > 1:  # pooled rows, spread over the row's padded tokens
+            return 8 * (per_token + -(-2 * heads * queries * hidden // max(1, max_length)))
+        return 8 * (per_token + 2 * heads * queries)  # the folded values and their product
+    if kind == ProbeKind.MOMENT:  # the masked tokens and their squares; no gradient
+        return 4 * 3 * hidden
+    return 8 * 2 * heads * k  # token-logistic: token logits and their masked copy
 
 
 def head_loss(logits: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 
 from actcache.probes import _eval, _precision
 from actcache.probes._data import FIT, TEST, VAL, Reads
-from actcache.probes._setprobes import Heads, Trainer, _autocast, timing_step
+from actcache.probes._setprobes import Heads, Trainer, _autocast, timing_step, work_bytes
 from actcache.probes._tokens import (
     Piece,
     TokenSets,
@@ -70,9 +70,10 @@ def train_token_probes(store: Any, config: ProbeConfig) -> Any:
     device = pick_device()
     k = 1 if data.n_classes == 2 else data.n_classes
     tasks = 2 if config.control else 1
-    heads_per_layer = tasks * len(config.weight_decays) * max(config.queries, k)
-    cache, group = plan_memory(sets, config.max_memory, config.batch_size,
-                               16 * heads_per_layer * len(config.probes))
+    n_heads = tasks * len(config.weight_decays)
+    work = sum(work_bytes(kind, data.hidden, k, n_heads, config.queries, sets.max_length)
+               for kind in config.probes)
+    cache, group = plan_memory(sets, config.max_memory, config.batch_size, work)
     if not cache:
         bound_allocator()  # windows read anew each pass would pile up in glibc's heaps
     sched = schedule(sets, config.epochs, config.batch_size, config.seed)

@@ -140,7 +140,7 @@ def test_out_of_core_equals_in_memory(monkeypatch):
     budget = 2**20
     assert stored > 10 * budget
     cfg = dict(label="label", probes=("attentive", "moment", "token-logistic"), epochs=2,
-               batch_size=16, learning_rate=0.01, queries=2, precision="fp32")
+               batch_size=8, learning_rate=0.01, queries=2, precision="fp32")
     kept = train_probes(store, ProbeConfig(max_memory=10**9, **cfg))
     streamed = train_probes(store, ProbeConfig(max_memory=budget, **cfg))
     assert kept.passes == 1.0
@@ -152,3 +152,36 @@ def test_out_of_core_equals_in_memory(monkeypatch):
     for name, value in kept.tensors.items():
         np.testing.assert_allclose(streamed.tensors[name], value, rtol=1e-3, atol=1e-5,
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_attentive_forward_is_its_definition_row_by_row(k) -> None:
+    """Binary heads fold the classifier into the tokens, several classes pool first: both
+    equal the definition, each query's softmax over the row's real tokens only."""
+    import math
+
+    import torch
+
+    from actcache.probes._setprobes import Heads
+    from actcache.schemas.probe import ProbeKind
+
+    torch.manual_seed(0)
+    heads = Heads(ProbeKind.ATTENTIVE, (0, 1), 16, k, 2, 3, 4, 0, torch.device("cpu"))
+    with torch.no_grad():
+        for p in heads.params.values():
+            p.normal_()
+    x = torch.randn(2, 5, 7, 16)
+    mask = torch.rand(5, 7) > 0.3
+    mask[:, 0] = True
+    got, _ = heads.forward(x, mask)
+    q, w, b = heads.params["queries"], heads.params["weight"], heads.params["bias"]
+    for g in range(2):
+        for task in range(2):
+            for decay in range(3):
+                for row in range(5):
+                    z = x[g, row][mask[row]]  # the real tokens only
+                    attn = torch.softmax(q[g, task, decay] @ z.T / math.sqrt(16), dim=1)
+                    pooled = (attn @ z).reshape(-1)  # [o_1 ... o_M]
+                    want = pooled @ w[g, task, decay] + b[g, task, decay]
+                    torch.testing.assert_close(got[g, task, decay, row], want,
+                                               rtol=1e-4, atol=1e-4)
