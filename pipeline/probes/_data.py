@@ -256,11 +256,15 @@ def prepare(store: Any, config: ProbeConfig) -> ProbeData:
             f"store {store.url} is incomplete: some units are not cached yet; finish it with "
             "`actcache cache JOB.yaml`, then rerun `actcache probe`"
         )
-    pooling = store.resolve_pooling(config.pooling)
+    pooled = [p for p in store.poolings if p != "tokens"]
+    # A store of tokens only: the token probes are the ones that read it.
+    pooling = "tokens" if config.pooling is None and not pooled else store.resolve_pooling(
+        config.pooling)
     if pooling == "tokens":
         raise ConfigError(
-            "probes need one row per example, not 'tokens'; choose a pooled representation "
-            f"with --pooling ({', '.join(p for p in store.poolings if p != 'tokens') or 'none'})"
+            "probes logistic, ridge and mean-diff need one row per example, not 'tokens': "
+            f"choose a pooled representation with --pooling ({', '.join(pooled) or 'none'}) "
+            "or a token probe with --probe attentive, moment or token-logistic"
         )
     wanted = store.layers if config.layers == "all" else config.layers
     layers = tuple(dict.fromkeys(store.resolve_layer(int(layer)) for layer in wanted))

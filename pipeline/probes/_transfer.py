@@ -106,6 +106,12 @@ def plan_groups(store: Any, data: ProbeData, config: ProbeConfig) -> Groups:
     train = tuple(g for g in range(len(names))
                   if np.isin(data.role[codes == g], (FIT, VAL)).any())
     test = tuple(g for g in range(len(names)) if (data.role[codes == g] == TEST).any())
+    for groups, role in ((train, "train"), (test, "test")):
+        if not groups:
+            raise ProbeDataError(
+                f"no {role} row has a value in group column {column!r}: the transfer matrix "
+                f"needs {role} rows in at least one group; fill the column or drop "
+                "`group_column`")
     for g in train:
         _check_group(data, codes == g, names[g], column)
     return Groups(data, names, codes, train, test)

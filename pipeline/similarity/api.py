@@ -260,7 +260,9 @@ def _knn_values(sides: _Sides, feats: list[Feature], left: list[Feature],
         if sample < n:
             chosen = np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
     m = len(chosen)
-    if not 1 <= k < m:
+    if k < 1:
+        raise ConfigError(f"mutual-knn's k must be at least 1, not {k}")
+    if k >= m:
         raise ConfigError(f"mutual-knn with k={k} needs more than k rows; the sample has {m}")
     need = _knn.knn_bytes(m, max(f.width for f in feats), k, len(feats))
     if need > budget:

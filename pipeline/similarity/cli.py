@@ -25,10 +25,13 @@ def _layers(text: str | None, flag: str) -> list[int] | None:
     if text is None or text.strip() == "all":
         return None
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        layers = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
+        layers = []
+    if not layers:
         raise ConfigError(
-            f"{flag} must be 'all' or comma-separated ints like 0,3,-1, got {text!r}") from None
+            f"{flag} must be 'all' or comma-separated ints like 0,3,-1, got {text!r}")
+    return layers
 
 
 def compare_command(

@@ -58,9 +58,11 @@ def test_one_store_against_itself(two, tmp_path):
 @pytest.mark.parametrize(("args", "said"), [
     (["--layers-a", "9"], "error: layer 9 is not in the store; stored layers: 0, 1, 2"),
     (["--layers-b", "x"], "error: --layers-b must be 'all' or comma-separated ints"),
+    (["--layers-a", ","], "error: --layers-a must be 'all' or comma-separated ints"),
     (["--max-memory", "1KB"], "error: --max-memory of 1000 bytes holds not even one pair"),
     (["--metric", "mutual-knn", "--max-memory", "10KB"], "raise --max-memory"),
-], ids=["layer", "layers-syntax", "memory", "knn-memory"])
+    (["--metric", "mutual-knn", "--k", "-3"], "error: mutual-knn's k must be at least 1, not -3"),
+], ids=["layer", "layers-syntax", "layers-empty", "memory", "knn-memory", "knn-k"])
 def test_bad_input_exits_2_with_one_error_line(two, tmp_path, capsys, args, said):
     a, b, _, _ = two
     assert main(["compare", a, b, "--out", str(tmp_path / "o"), *args]) == 2

@@ -279,6 +279,22 @@ def test_group_without_a_class_in_train_is_named(tmp_path):
         "leave its group value empty")
 
 
+def test_groups_without_test_rows_are_named(tmp_path):
+    x, y, group = _values(300, 8, 2, seed=3)
+    split = np.where(np.arange(300) % 4 == 0, "test", "train")
+    meta = [{"label": ["neg", "pos"][int(v)], "split": s,
+             "domain": None if s == "test" else GROUPS[g]}
+            for v, g, s in zip(y, group, split, strict=True)]
+    store = synthetic_store(str(tmp_path / "s.zarr"), x, [f"ex{i}" for i in range(300)], meta,
+                            rows_per_unit=256, chunk_rows=64)
+    cfg = ProbeConfig(label="label", split_column="split", group_column="domain")
+    with pytest.raises(ProbeDataError) as err:
+        train_probes(store, cfg)
+    assert str(err.value) == (
+        "no test row has a value in group column 'domain': the transfer matrix needs test "
+        "rows in at least one group; fill the column or drop `group_column`")
+
+
 def _cli(capsys, *args):
     from actcache.cli import main
 

@@ -260,8 +260,18 @@ def test_tokens_pooling_refused(binary_store):
     x = binary_store.read(0)
     store = _store({0: x}, binary_store.metadata, poolings=("mean", "tokens"), tokens={0: x},
                    token_lengths=[1] * len(x))
-    _bad(store, "probes need one row per example, not 'tokens'; choose a pooled representation "
-         "with --pooling (mean)", ConfigError, pooling="tokens")
+    _bad(store, "probes logistic, ridge and mean-diff need one row per example, not 'tokens': "
+         "choose a pooled representation with --pooling (mean) or a token probe with --probe "
+         "attentive, moment or token-logistic", ConfigError, pooling="tokens")
+
+
+def test_store_of_tokens_only_names_the_token_probes(binary_store):
+    x = binary_store.read(0)
+    store = _store({}, binary_store.metadata, poolings=("tokens",), tokens={0: x},
+                   token_lengths=[1] * len(x))
+    _bad(store, "probes logistic, ridge and mean-diff need one row per example, not 'tokens': "
+         "choose a pooled representation with --pooling (none) or a token probe with --probe "
+         "attentive, moment or token-logistic", ConfigError)
 
 
 def test_incomplete_store(tmp_path, binary_store):
