@@ -75,6 +75,12 @@ def test_attentive_equals_a_plain_pytorch_reference():
                              {"params": [model.head.bias], "weight_decay": 0.0}], lr=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / plan.steps)))
+    # The run's batches: every fit row once an epoch, no validation or test row.
+    fit_rows = np.flatnonzero(sets.data.role == 1)
+    assert 0 < len(fit_rows) < int((sets.data.role > 0).sum())
+    for epoch in range(cfg.epochs):
+        seen = np.concatenate(plan.rows(sets, epoch))
+        np.testing.assert_array_equal(np.sort(seen), fit_rows)
     for epoch in range(cfg.epochs):
         for batch in plan.rows(sets, epoch):
             t = max(len(rows[r]) for r in batch)
