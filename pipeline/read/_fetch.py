@@ -183,7 +183,8 @@ class Fetcher:
 
     def shard_jobs(self, plans: Sequence[Plan], layer: int) -> list[ShardJob] | None:
         """One job per shard of pooled ``plans``' rows of ``layer``, or None unless every
-        read is a whole range of a local raw shard (``fetch_parts``'s rule)."""
+        read is a whole range of a local raw shard and the rows wanted are at least half
+        of what the shards hold."""
         if not self.local:
             return None
         # Reads of one unit that a block boundary cut in two are one range here.
@@ -194,23 +195,29 @@ class Fetcher:
                     return None
                 key = plan.key(layer, read.unit)
                 rows = plan.rows[read.dest]
-                if spans and spans[-1][0] == key and spans[-1][3] == read.lo:
+                if (spans and spans[-1][0] == key and spans[-1][1] == read.unit
+                        and spans[-1][3] == read.lo):
                     _, unit, lo, _, parts = spans[-1]
                     spans[-1] = (key, unit, lo, read.hi, [*parts, rows])
                 else:
                     spans.append((key, read.unit, read.lo, read.hi, [rows]))
         jobs: list[ShardJob] = []
+        wanted = capacity = 0
         for key, unit, lo, hi, parts in spans:
             files = self._files(key, unit)
-            if files is None or hi - lo < files.shard // 2:
+            if files is None:
                 return None
+            wanted += hi - lo
+            capacity += ((hi - 1) // files.shard - lo // files.shard + 1) * files.shard
             rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
             a = lo
             while a < hi:  # one job per shard: each fills one buffer
                 b = min(hi, (a // files.shard + 1) * files.shard)
                 jobs.append(ShardJob(key, files, unit, a, b, rows[a - lo:b - lo]))
                 a = b
-        return jobs or None
+        # Whole shards pay when most of what they hold is wanted (a few rows read just
+        # their chunks through ``fetch``).
+        return jobs if jobs and 2 * wanted >= capacity else None
 
     def map_shards(self, jobs: Sequence[ShardJob],
                    work: Callable[[list[tuple[np.ndarray, np.ndarray]]], T]) -> Iterator[list[T]]:

@@ -256,3 +256,31 @@ def test_search_peak_memory_is_three_reads_and_the_scoring(tmp_path, monkeypatch
     assert rows * hidden * 2 >= 16 * read  # the layer is far larger than the bound
     bound = 3 * read + 6 * _search.SCORE_BYTES + 16 * rows + 2**18
     assert peak <= bound, peak / bound
+
+
+@pytest.mark.parametrize("rows", [None, list(range(60, 300))], ids=["all", "restricted"])
+def test_search_names_the_unit_of_a_flipped_byte_and_of_a_missing_shard(tmp_path,
+                                                                        rows) -> None:
+    """Whole shards read on the search threads still name the unit they belong to."""
+    from pathlib import Path
+
+    from actcache.schemas.errors import StoreCorruptError
+
+    x = np.random.default_rng(5).standard_normal((320, 8)).astype(np.float32)
+    url = str(tmp_path / "s.zarr")
+    synthetic_store(url, {0: x}, rows_per_unit=64, chunk_rows=16)
+    shard = Path(url) / "mean" / "layer_0" / "c" / "2" / "0"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0x5A
+    shard.write_bytes(bytes(data))
+    from actcache import open_store
+
+    for search in (lambda s: _search.topk(s, 0, np.ones(8), 3, rows=rows),
+                   lambda s: _search.nearest(s, 0, x[0], 3, rows=rows)):
+        with pytest.raises(StoreCorruptError, match=r"in unit 2 \(mean/layer_0\); rerun"):
+            search(open_store(url))
+    (Path(url) / "mean" / "layer_0" / "c" / "2" / "0").write_bytes(
+        bytes(data[:100] + bytes([data[100] ^ 0x5A]) + data[101:]))
+    (Path(url) / "mean" / "layer_0" / "c" / "3" / "0").unlink()
+    with pytest.raises(StoreCorruptError, match=r"in unit 3 \(mean/layer_0\); rerun"):
+        _search.topk(open_store(url), 0, np.ones(8), 3, rows=rows)
