@@ -290,6 +290,14 @@ def prepare(store: Any, config: ProbeConfig) -> ProbeData:
         return ProbeData(layers, pooling, (), y, y.copy(), role, int(store.hidden_size),
                          value, control_value)
     classes, y = _classes(column, config.label)
+    role, control = class_roles(store, config, classes, y)
+    return ProbeData(layers, pooling, classes, y, control, role, int(store.hidden_size))
+
+
+def class_roles(store: Any, config: ProbeConfig, classes: tuple[Any, ...], y: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The role of every row labelled ``y >= 0`` and the control labels, with train and
+    its fit part each holding two classes at least."""
     role = _split_roles(store, config, y >= 0)
     train = np.isin(role, (FIT, VAL))
     for name, mask in (("train", train), ("fit part of train", role == FIT)):
@@ -299,8 +307,7 @@ def prepare(store: Any, config: ProbeConfig) -> ProbeData:
                 f"the {name} split has one class only ({classes[present[0]]!r}); it needs at "
                 "least two: check the split and label columns"
             )
-    control = _control_labels(store.ids, y, train, len(classes), config.seed)
-    return ProbeData(layers, pooling, classes, y, control, role, int(store.hidden_size))
+    return role, _control_labels(store.ids, y, train, len(classes), config.seed)
 
 
 @dataclass

@@ -25,12 +25,10 @@ import numpy as np
 from actcache.probes._data import (
     FIT,
     UNUSED,
-    VAL,
     ProbeData,
     Reads,
     _classes,
-    _control_labels,
-    _split_roles,
+    class_roles,
     resolve_task,
 )
 from actcache.read._plan import Plan, aranges
@@ -122,15 +120,7 @@ def prepare_tokens(store: Any, config: ProbeConfig) -> TokenSets:
             f"{int(raw.max(initial=0))}): lower skip_positions (--skip-positions)")
     no_tokens = int(((y >= 0) & (kept == 0)).sum())
     y = np.where(kept > 0, y, -1)
-    role = _split_roles(store, config, y >= 0)
-    train = np.isin(role, (FIT, VAL))
-    for name, mask in (("train", train), ("fit part of train", role == FIT)):
-        present = np.unique(y[mask])
-        if len(present) < 2:
-            raise ProbeDataError(
-                f"the {name} split has one class only ({classes[present[0]]!r}); it needs at "
-                "least two: check the split and label columns")
-    control = _control_labels(store.ids, y, train, len(classes), config.seed)
+    role, control = class_roles(store, config, classes, y)
     data = ProbeData(layers, "tokens", classes, y, control, role, int(store.hidden_size))
     used = np.flatnonzero(role != UNUSED)
     plans = store.reader.plans("tokens", used, max(PIECE_BYTES, data.hidden * 4), 1)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -53,6 +53,24 @@ def corrupt_message(url: str, corrupt: dict[int, list[str]]) -> str:
         f"store {url} has chunks that fail their checksum or are missing in {units}; rerun "
         "its job with `actcache cache JOB.yaml --repair` to recompute those units"
     )
+
+
+def in_order(pool: ThreadPoolExecutor, fn: Callable[[Any], T], items: Iterable[Any],
+             window: int) -> Iterator[T]:
+    """``fn`` of each item on ``pool``, at most ``window`` submitted ahead of the caller,
+    results in the items' order; what is still pending when the caller stops is
+    cancelled."""
+    pending: deque[Future[T]] = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 @dataclass(frozen=True)
@@ -250,19 +268,9 @@ class Fetcher:
             return out
 
         with ThreadPoolExecutor(SHARD_WORKERS, thread_name_prefix="actcache-shard") as pool:
-            pending: deque[Future[list[T]]] = deque()
-            try:
-                for task in tasks:
-                    pending.append(pool.submit(run, task))
-                    # Results are small (a task's scores), so several wait: a thread
-                    # never idles while the caller merges one.
-                    if len(pending) > 4 * SHARD_WORKERS:
-                        yield pending.popleft().result()
-                while pending:
-                    yield pending.popleft().result()
-            finally:
-                for future in pending:
-                    future.cancel()
+            # Results are small (a task's scores), so several wait: a thread never idles
+            # while the caller merges one.
+            yield from in_order(pool, run, tasks, 4 * SHARD_WORKERS + 1)
 
     def _files(self, key: str, unit: int) -> ShardFiles | None:
         if key not in self._direct:
@@ -286,17 +294,7 @@ class Fetcher:
         window = LOCAL_AHEAD if self.local else IN_FLIGHT
         if self._pool is None:
             self._pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="actcache-fetch")
-        pending: deque[Future[T]] = deque()
-        try:
-            for job in jobs:
-                pending.append(self._pool.submit(get, job[0], job[1]))
-                if len(pending) >= window:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
+        yield from in_order(self._pool, lambda job: get(*job), jobs, window)
 
     def fill(self, plan: Plan, layers: Sequence[int], out: np.ndarray, dtype: str) -> None:
         """The values of ``plan`` for each of ``layers``, widened into ``out[i]``
