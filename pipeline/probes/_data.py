@@ -266,15 +266,7 @@ def prepare(store: Any, config: ProbeConfig) -> ProbeData:
             f"choose a pooled representation with --pooling ({', '.join(pooled) or 'none'}) "
             "or a token probe with --probe attentive, moment or token-logistic"
         )
-    wanted = store.layers if config.layers == "all" else config.layers
-    layers = tuple(dict.fromkeys(store.resolve_layer(int(layer)) for layer in wanted))
-    meta = store.metadata
-    if config.label not in meta.columns:
-        raise ColumnNotFoundError(
-            f"label column {config.label!r} is not in the store's metadata; available columns: "
-            f"{', '.join(map(str, meta.columns)) or 'none'}"
-        )
-    column = meta[config.label]
+    layers, column = layers_and_labels(store, config)
     task, why = resolve_task(column, config.task)
     if task == Task.REGRESSION:
         value = _regression_values(column, config.label, why, config)
@@ -292,6 +284,19 @@ def prepare(store: Any, config: ProbeConfig) -> ProbeData:
     classes, y = _classes(column, config.label)
     role, control = class_roles(store, config, classes, y)
     return ProbeData(layers, pooling, classes, y, control, role, int(store.hidden_size))
+
+
+def layers_and_labels(store: Any, config: ProbeConfig) -> tuple[tuple[int, ...], pd.Series]:
+    """The requested layers as stored indices (each once) and the label column."""
+    wanted = store.layers if config.layers == "all" else config.layers
+    layers = tuple(dict.fromkeys(store.resolve_layer(int(layer)) for layer in wanted))
+    meta = store.metadata
+    if config.label not in meta.columns:
+        raise ColumnNotFoundError(
+            f"label column {config.label!r} is not in the store's metadata; available columns: "
+            f"{', '.join(map(str, meta.columns)) or 'none'}"
+        )
+    return layers, meta[config.label]
 
 
 def class_roles(store: Any, config: ProbeConfig, classes: tuple[Any, ...], y: np.ndarray

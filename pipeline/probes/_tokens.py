@@ -29,12 +29,12 @@ from actcache.probes._data import (
     Reads,
     _classes,
     class_roles,
+    layers_and_labels,
     resolve_task,
 )
 from actcache.read._plan import Plan, aranges
 from actcache.read._prefetch import run_ahead
 from actcache.schemas.errors import (
-    ColumnNotFoundError,
     ConfigError,
     ProbeDataError,
     StoreIncompleteError,
@@ -97,20 +97,14 @@ def _check_store(store: Any, config: ProbeConfig) -> None:
 def prepare_tokens(store: Any, config: ProbeConfig) -> TokenSets:
     """Check the store, resolve layers, labels, splits and skipped positions; plan pieces."""
     _check_store(store, config)
-    wanted = store.layers if config.layers == "all" else config.layers
-    layers = tuple(dict.fromkeys(store.resolve_layer(int(layer)) for layer in wanted))
-    meta = store.metadata
-    if config.label not in meta.columns:
-        raise ColumnNotFoundError(
-            f"label column {config.label!r} is not in the store's metadata; available columns: "
-            f"{', '.join(map(str, meta.columns)) or 'none'}")
-    task, why = resolve_task(meta[config.label], config.task)
+    layers, column = layers_and_labels(store, config)
+    task, why = resolve_task(column, config.task)
     if task == Task.REGRESSION:
         raise ProbeDataError(
             f"token probes need class labels, but label column {config.label!r} is a "
             f"regression target ({why}): use --task classification to treat each value as a "
             "class")
-    classes, y = _classes(meta[config.label], config.label)
+    classes, y = _classes(column, config.label)
     skip = _skip(store, config)
     raw = store.token_lengths().astype(np.int64)
     kept = np.maximum(raw - skip, 0)
