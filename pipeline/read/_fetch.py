@@ -32,7 +32,7 @@ from actcache.schemas.errors import StoreCorruptError
 T = TypeVar("T")
 
 #: Threads that read, check and work on whole local shards at once (``map_shards``):
-#: two measured 1.5x one on 2 cores, where reading and scoring share the memory bus.
+#: two measured 1.3-1.5x one for a search on 2 cores.
 SHARD_WORKERS = 2
 #: Shard bytes a ``map_shards`` thread takes at once: enough that handing results over
 #: costs little next to the work, few enough that two threads stay busy.
@@ -245,9 +245,10 @@ class Fetcher:
         work on it there, while it is still in the core's cache.
 
         For a search, whose scoring is cheap: reading a shard, checking it and scoring it
-        on one thread, two threads at once, measured 0.04 s for a 200,000 x 384 float16
-        layer against 0.08 s for reads handed to the scoring thread (bench_read.py); a
-        task of several small shards keeps the handing over from costing more than that.
+        on one thread, two threads at once, measured 0.07 s for top-k over a 200,000 x 384
+        float16 layer against 0.17 s for reads handed to one scoring thread
+        (bench_read.py); a task of several small shards keeps the handing over from
+        costing more than the work.
         """
         local = threading.local()
         size = max(job.files.file_bytes for job in jobs)
