@@ -12,12 +12,17 @@ probed, which is the model's depth whenever the run probed all layers (the defau
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from actcache.schemas.errors import ConfigError, InputDataError, InputFileNotFoundError
+from actcache.schemas.errors import (
+    ActcacheError,
+    ConfigError,
+    InputDataError,
+    InputFileNotFoundError,
+)
 from actcache.similarity._plot import display_name
 
 DEPTHS = ("relative", "absolute")
@@ -107,7 +112,7 @@ def _n_layers(meta: dict[str, str], layers: np.ndarray) -> int:
             from actcache.store import open_store
 
             return open_store(url).num_hidden_layers
-        except Exception:  # noqa: BLE001 - a moved or deleted store: fall back to the run's layers
+        except (ActcacheError, OSError):  # moved, deleted or unreachable: the run's layers
             pass
     probed = json.loads(meta["layers"]) if meta.get("layers") else layers.tolist()
     return max(1, int(max(probed)))
@@ -131,7 +136,7 @@ def read_runs(folders: list[str | Path], depth: str = "relative",
     labels = [c.label for c in curves]
     # Two runs of one model (other labels, other data) stay apart in the legend.
     curves = [c if labels.count(c.label) == 1 else
-              Curve(**{**c.__dict__, "label": f"{c.label} ({c.folder.name})"}) for c in curves]
+              replace(c, label=f"{c.label} ({c.folder.name})") for c in curves]
     return curves, tasks.pop()
 
 
