@@ -219,16 +219,24 @@ def wait_for_units(proc: subprocess.Popen[str], store: Path, timeout: float = 60
     pytest.fail("no unit committed in time")
 
 
+def slow_run_under_way(folder: Path, model: str, ray_tmp: str
+                      ) -> tuple[Path, Path, subprocess.Popen[str]]:
+    """A ``actcache cache`` process on ``SLOW_ROWS`` (units of 4), once a unit committed:
+    its job, its store and the process."""
+    write_inputs(folder / "inputs.jsonl", SLOW_ROWS)
+    job_path = write_job(folder, model, rows_per_unit=4, batch_size=2, layers="all")
+    store = folder / "store.zarr"
+    proc = start_cache(job_path, ray_tmp)
+    wait_for_units(proc, store)
+    return job_path, store, proc
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_killed_run_is_finished_by_the_next_one(
     tiny_bert: str, tmp_path: Path, ray_tmp: str
 ) -> None:
-    write_inputs(tmp_path / "inputs.jsonl", SLOW_ROWS)
-    job_path = write_job(tmp_path, tiny_bert, rows_per_unit=4, batch_size=2, layers="all")
-    store = tmp_path / "store.zarr"
-    proc = start_cache(job_path, ray_tmp)
-    wait_for_units(proc, store)
+    job_path, store, proc = slow_run_under_way(tmp_path, tiny_bert, ray_tmp)
     kill_tree(proc)  # the actors too, so that nothing commits after the count
     end_processes_of(ray_tmp)
     done_at_kill = complete_units(store)
@@ -264,11 +272,7 @@ def test_a_killed_run_is_finished_by_the_next_one(
 def test_a_second_run_on_a_busy_store_is_refused_naming_the_holder(
     tiny_bert: str, tmp_path: Path, ray_tmp: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    write_inputs(tmp_path / "inputs.jsonl", SLOW_ROWS)
-    job_path = write_job(tmp_path, tiny_bert, rows_per_unit=4, batch_size=2, layers="all")
-    store = tmp_path / "store.zarr"
-    proc = start_cache(job_path, ray_tmp)
-    wait_for_units(proc, store)
+    job_path, store, proc = slow_run_under_way(tmp_path, tiny_bert, ray_tmp)
     holder = Lease(str(store), "probe").current()
     assert holder is not None
 
