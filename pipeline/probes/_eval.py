@@ -156,6 +156,10 @@ CHUNK_ELEMENTS = 1_000_000
 """Above this many test rows the intervals come from the normal approximations (Wilson for
 accuracy, Hanley & McNeil 1982 for AUROC), which match the bootstrap at such sizes, at a
 fraction of its time and memory."""
+METRIC_COLUMNS = ["layer", "probe", "strength", "n_train", "n_test", "train_accuracy",
+                  "test_accuracy", "test_auroc", "test_loss", "control_accuracy",
+                  "selectivity"]
+"""The columns every probe's metrics.csv starts with, one row per (layer, probe)."""
 INTERVAL_COLUMNS = ["majority_baseline", "test_accuracy_low", "test_accuracy_high",
                     "test_auroc_low", "test_auroc_high"]
 """Added to a classification's metrics: the test accuracy of always answering train's most

@@ -41,9 +41,6 @@ from actcache.read import bound_allocator
 from actcache.schemas.probe import ProbeConfig, ProbeKind
 from actcache.workers.devices import pick_device
 
-COLUMNS = ["layer", "probe", "strength", "n_train", "n_test", "train_accuracy",
-           "test_accuracy", "test_auroc", "test_loss", "control_accuracy", "selectivity"]
-
 
 @dataclass
 class Scores:
@@ -278,7 +275,7 @@ def _metrics(results: list[Any], sets: TokenSets, config: ProbeConfig
                                  "test_accuracy_high": acc_ci[j, 1],
                                  "test_auroc_low": auc_ci[j, 0], "test_auroc_high": auc_ci[j, 1]})
     extra = (["test_token_accuracy"] if ProbeKind.TOKEN_LOGISTIC in config.probes else [])
-    columns = COLUMNS + extra + _eval.INTERVAL_COLUMNS
+    columns = _eval.METRIC_COLUMNS + extra + _eval.INTERVAL_COLUMNS
     table = pd.DataFrame(rows, columns=columns)
     pos = pd.DataFrame(positions) if positions else None
     return table, chosen, pos

@@ -373,10 +373,6 @@ def _stack(fitted: dict[str, tuple[list[float] | None, list[ZWeights]]], data: P
     return segments, weights, bias
 
 
-_COLUMNS = ["layer", "probe", "strength", "n_train", "n_test", "train_accuracy",
-            "test_accuracy", "test_auroc", "test_loss", "control_accuracy", "selectivity"]
-
-
 def _metrics(segments: list[_eval.Segment], fitted: dict[str, Any], data: ProbeData,
              control: bool) -> pd.DataFrame:
     if data.regression:
@@ -409,7 +405,7 @@ def _metrics(segments: list[_eval.Segment], fitted: dict[str, Any], data: ProbeD
                 row["test_r2"] = _eval.r2(seg.sse[i], seg.sy, seg.syy, n_test)
                 row["test_loss"] = row["test_mse"]
             rows.append(row)
-    columns = _COLUMNS + (["test_r2", "test_mse"] if "ridge" in fitted else [])
+    columns = _eval.METRIC_COLUMNS + (["test_r2", "test_mse"] if "ridge" in fitted else [])
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -431,8 +427,8 @@ def _regression_metrics(segments: list[_eval.Segment], fitted: dict[str, Any],
             "train_r2": _eval.r2(seg.train_sse[i], seg.train_sy, seg.train_syy, n_train),
             "control_r2": control_r2,
         })
-    columns = [*_COLUMNS, "test_r2", "test_mse", "train_r2", "control_r2"]
-    return pd.DataFrame(rows, columns=columns).astype({c: float for c in _COLUMNS[5:]})
+    columns = [*_eval.METRIC_COLUMNS, "test_r2", "test_mse", "train_r2", "control_r2"]
+    return pd.DataFrame(rows, columns=columns).astype({c: float for c in _eval.METRIC_COLUMNS[5:]})
 
 
 def _tensors(fitted: dict[str, tuple[list[float] | None, list[ZWeights]]], data: ProbeData,
