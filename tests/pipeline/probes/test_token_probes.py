@@ -191,3 +191,17 @@ def test_attentive_forward_is_its_definition_row_by_row(k) -> None:
                     want = pooled @ w[g, task, decay] + b[g, task, decay]
                     torch.testing.assert_close(got[g, task, decay, row], want,
                                                rtol=1e-4, atol=1e-4)
+
+
+def test_forced_bf16_trains_under_autocast_and_reaches_the_fp32_accuracy(key_store):
+    """``--precision bf16`` (whatever the CPU) trains the heads under bf16 autocast: the
+    decision is recorded, and the deciding token is found as in float32."""
+    cfg = dict(label="label", layers=(1,), probes=("attentive", "token-logistic"),
+               epochs=10, batch_size=32, learning_rate=0.03, seed=0)
+    fp32 = train_probes(key_store, ProbeConfig(precision="fp32", **cfg))
+    bf16 = train_probes(key_store, ProbeConfig(precision="bf16", **cfg))
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    assert '"bf16"' in bf16.metadata["precision"]
+    np.testing.assert_allclose(bf16.metrics["test_accuracy"], fp32.metrics["test_accuracy"],
+                               atol=0.03)
+    assert bf16.metrics["test_accuracy"].iloc[0] > 0.9
