@@ -15,6 +15,7 @@ every read first checks that the shards it covers exist, from one listing per ar
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,13 +31,12 @@ from actcache.schemas import store as layout
 from actcache.schemas.errors import StoreCorruptError
 
 T = TypeVar("T")
+U = TypeVar("U")
 
-#: Threads that read, check and work on whole local shards at once (``map_shards``):
-#: two measured 1.3-1.5x one for a search on 2 cores.
+#: Threads that read, check and work on whole local shards at once (``each_shard``).
 SHARD_WORKERS = 2
-#: Shard bytes a ``map_shards`` thread takes at once: enough that handing results over
-#: costs little next to the work, few enough that two threads stay busy.
-TASK_BYTES = 4 * 2**20
+#: Rows a shard thread works through before handing a result over (``each_shard``).
+TASK_ROWS = 32_768
 #: Reads of one block in flight at once on a remote store.
 IN_FLIGHT = 16
 #: Reads fetched at once on a local store: the caller's and the next.
@@ -87,6 +87,32 @@ class ShardJob:
 
 
 _ZARRS_CONFIG = threading.Lock()
+_POOL_LOCK = threading.Lock()
+_SHARD_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (the process it belongs to, it)
+
+
+def _serial_torch() -> None:
+    """Torch runs this thread's work on this thread alone. The shard threads already keep
+    the cores busy; each asking torch's OpenMP team for every core as well measured
+    0.057 s a top-k against 0.044 s, the team's threads spinning between calls. OpenMP's
+    thread count is per calling thread, so the rest of the process keeps its own."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.get_num_threads()  # torch sets this thread's count on first use: let it first
+    threadpool_limits(1, user_api="openmp")
+
+
+def _shard_pool() -> ThreadPoolExecutor:
+    """The process's ``SHARD_WORKERS`` shard threads, started once: threads started per
+    search measured 4 ms more a pass (each new thread sets up torch's OpenMP team). A
+    forked child starts its own: its parent's threads are not in it."""
+    global _SHARD_POOL
+    with _POOL_LOCK:
+        if _SHARD_POOL is None or _SHARD_POOL[0] != os.getpid():
+            _SHARD_POOL = (os.getpid(), ThreadPoolExecutor(
+                SHARD_WORKERS, thread_name_prefix="actcache-shard", initializer=_serial_torch))
+        return _SHARD_POOL[1]
 
 
 def _zarrs_available() -> bool:
@@ -237,41 +263,59 @@ class Fetcher:
         # their chunks through ``fetch``).
         return jobs if jobs and 2 * wanted >= capacity else None
 
-    def map_shards(self, jobs: Sequence[ShardJob],
-                   work: Callable[[list[tuple[np.ndarray, np.ndarray]]], T]) -> Iterator[list[T]]:
-        """``work`` of each job's (store rows, values as stored) chunks, in job order, in
-        lists of consecutive jobs (``TASK_BYTES`` of shards at least), on
-        ``SHARD_WORKERS`` threads that each read a shard into their own reused buffer and
-        work on it there, while it is still in the core's cache.
+    def each_shard(self, jobs: Sequence[ShardJob],
+                   work: Callable[[np.ndarray, list[tuple[int, np.ndarray]]], T],
+                   combine: Callable[[list[T]], U]) -> list[U]:
+        """``combine`` of ``work(rows, parts)`` over each run of consecutive jobs
+        (``TASK_ROWS`` rows or so), in job order. ``work`` gets a job's store rows and
+        its values as stored, a chunk at a time (offset in the job, values).
+        ``SHARD_WORKERS`` threads take the runs in turn, each reading a shard into its
+        own buffer and working on it there, while it is still in the core's cache.
 
-        For a search, whose scoring is cheap: reading a shard, checking it and scoring it
-        on one thread, two threads at once, measured 0.07 s for top-k over a 200,000 x 384
-        float16 layer against 0.17 s for reads handed to one scoring thread
-        (bench_read.py); a task of several small shards keeps the handing over from
-        costing more than the work.
+        For a search, whose scoring is cheap, everything happens on the thread that read
+        the shard, and the caller waits once: results handed over shard by shard woke
+        the caller once a shard, taking a core and the GIL from a reading thread, and a
+        top-k's cut taken once a 1,024-row shard rather than once a run measured 0.065 s
+        a top-k against 0.050 s (bench_read.py's store).
         """
-        local = threading.local()
         size = max(job.files.file_bytes for job in jobs)
-        per_task = max(1, TASK_BYTES // size)
-        tasks = [jobs[i:i + per_task] for i in range(0, len(jobs), per_task)]
+        rows = max(1, max(job.hi - job.lo for job in jobs))
+        per_task = max(1, min(TASK_ROWS // rows, len(jobs) // (2 * SHARD_WORKERS)))
+        tasks = [range(i, min(i + per_task, len(jobs))) for i in range(0, len(jobs), per_task)]
+        results: list[U | None] = [None] * len(tasks)
+        turns = iter(range(len(tasks)))
+        lock = threading.Lock()
+        stop = threading.Event()
 
-        def run(task: Sequence[ShardJob]) -> list[T]:
-            buffer = getattr(local, "buffer", None)
-            if buffer is None:
-                buffer = local.buffer = bytearray(size)
-            out = []
-            for job in task:
-                try:
-                    parts = job.files.parts(job.lo, job.hi, buffer)
-                except (FileNotFoundError, ChecksumMismatch) as e:
-                    raise self._corrupt(job.key, job.unit) from e
-                out.append(work([(job.rows[at:at + len(raw)], raw) for at, raw in parts]))
-            return out
+        def run() -> None:
+            # A buffer per call, not per thread: an idle store holds no shard's bytes.
+            buffer = bytearray(size + 1)
+            try:
+                while not stop.is_set():
+                    with lock:
+                        t = next(turns, None)
+                    if t is None:
+                        return
+                    done = []
+                    for i in tasks[t]:
+                        job = jobs[i]
+                        try:
+                            parts = job.files.parts(job.lo, job.hi, buffer)
+                        except (FileNotFoundError, ChecksumMismatch) as e:
+                            raise self._corrupt(job.key, job.unit) from e
+                        done.append(work(job.rows, parts))
+                    results[t] = combine(done)
+            except BaseException:
+                stop.set()  # the other threads end after their current shard
+                raise
 
-        with ThreadPoolExecutor(SHARD_WORKERS, thread_name_prefix="actcache-shard") as pool:
-            # Results are small (a task's scores), so several wait: a thread never idles
-            # while the caller merges one.
-            yield from in_order(pool, run, tasks, 4 * SHARD_WORKERS + 1)
+        futures = [_shard_pool().submit(run) for _ in range(min(SHARD_WORKERS, len(tasks)))]
+        try:
+            for future in futures:
+                future.result()
+        finally:
+            stop.set()
+        return results  # type: ignore[return-value]  # every task ran, or this raised
 
     def _files(self, key: str, unit: int) -> ShardFiles | None:
         if key not in self._direct:

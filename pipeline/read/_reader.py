@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 RowsLike = Sequence[int] | np.ndarray | None
 #: float32 bytes of a pooled slice widened and scored at once (``scored``): small enough
 #: to stay in the CPU's cache, with the scoring's temporaries.
-SCORE_BYTES = 2**21
+SCORE_BYTES = 3 * 2**18
 _ALL = 2**62
 
 
@@ -119,45 +119,49 @@ class StoreReader:
         yield from prefetch(plans, read, max(len(p) for p in plans) * hidden)
 
     def scored(self, index: int, pooling: str, rows: RowsLike,
-               score: Callable[[np.ndarray], np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+               score: Callable[[np.ndarray], np.ndarray],
+               keep: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(store rows, ``score`` of their float32 values) of a pooled layer, physical
         order, widened ``SCORE_BYTES`` at a time right before scoring, so the float32
         values live in the CPU's cache rather than in a block written to memory and read
-        back (that measured the larger part of a search's time). ``score`` must be safe to
-        call from several threads at once: whole local shards are read, checked and scored
-        on ``map_shards``'s threads.
+        back (that measured the larger part of a search's time). ``keep(rows, scores)``
+        trims each piece to what the caller still needs (a top-k's candidates) on the
+        thread that scored it. Both must be safe to call from several threads at once:
+        whole local shards are read, checked and scored on ``each_shard``'s threads.
         """
         positions = self.positions(rows) if rows is None else distinct(self.positions(rows))
         plans = self.plans(pooling, positions)
         dtype = self.store.dtype
         step = max(1, SCORE_BYTES // (4 * self.store.hidden_size))
-
         local = threading.local()
 
-        def scores(raw: np.ndarray) -> np.ndarray:
+        def scores(parts: list[tuple[int, np.ndarray]], n: int) -> np.ndarray:
             # One float32 slice per thread, reused: a fresh one per slice measured a third
             # of a search's time (new pages faulted in and zeroed each time).
             values = getattr(local, "values", None)
             if values is None:
-                values = local.values = np.empty((step, raw.shape[1]), dtype=np.float32)
-            out = np.empty(len(raw), dtype=np.float32)
-            for lo in range(0, len(raw), step):
-                part = raw[lo:lo + step]
-                widen(part, dtype, values[:len(part)])
-                out[lo:lo + len(part)] = score(values[:len(part)])
+                values = local.values = np.empty((step, parts[0][1].shape[1]), np.float32)
+            out = np.empty(n, dtype=np.float32)
+            for at, raw in parts:
+                for lo in range(0, len(raw), step):
+                    part = raw[lo:lo + step]
+                    widen(part, dtype, values[:len(part)])
+                    out[at + lo:at + lo + len(part)] = score(values[:len(part)])
             return out
 
-        def shard(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-            if len(parts) == 1:
-                return parts[0][0], scores(parts[0][1])
-            return (np.concatenate([r for r, _ in parts]),
-                    np.concatenate([scores(raw) for _, raw in parts]))
+        def shard(got: np.ndarray, parts: list[tuple[int, np.ndarray]]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+            return got, scores(parts, len(got))
+
+        def combine(done: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+            if len(done) == 1:
+                return keep(*done[0])
+            return keep(np.concatenate([r for r, _ in done]), np.concatenate([v for _, v in done]))
 
         jobs = self.fetcher.shard_jobs(plans, index)
         if jobs is not None:
-            for task in self.fetcher.map_shards(jobs, shard):
-                yield (np.concatenate([r for r, _ in task]),
-                       np.concatenate([v for _, v in task]))
+            yield from self.fetcher.each_shard(jobs, shard, combine)
             return
 
         def pieces() -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -171,7 +175,7 @@ class StoreReader:
                         yield plan.rows[at:at + len(raw)], raw
 
         for got, raw in run_ahead(pieces()):
-            yield got, scores(raw)
+            yield keep(*shard(got, [(0, raw)]))
 
     def read_into(self, layers: Sequence[int], pooling: str, positions: np.ndarray,
                   out: np.ndarray) -> None:

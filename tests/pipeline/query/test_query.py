@@ -118,23 +118,31 @@ def test_blocks_are_chunk_aligned_and_bounded(store, monkeypatch) -> None:
 
 
 def test_topk_scores_a_shard_at_a_time(store, monkeypatch) -> None:
-    """Scores reach the running top-k a shard (one unit) at a time, every row once, and it
-    never holds more than k."""
-    sizes: list[int] = []
-    original = _search.RunningTopK.push
+    """Each shard's rows are scored once, on a shard thread that keeps only the candidates:
+    the running top-k receives at most k (no ties here) a shard and never holds more."""
+    kept: list[int] = []
+    pushed: list[int] = []
+    keep, push = _search.RunningTopK.keep, _search.RunningTopK.push
 
-    def push(self, scores, rows):  # type: ignore[no-untyped-def]
-        sizes.append(len(scores))
-        original(self, scores, rows)
+    def counted_keep(self, rows, scores):  # type: ignore[no-untyped-def]
+        kept.append(len(rows))
+        return keep(self, rows, scores)
+
+    def counted_push(self, scores, rows):  # type: ignore[no-untyped-def]
+        pushed.append(len(scores))
+        push(self, scores, rows)
         assert len(self.rows) <= self.k
 
-    monkeypatch.setattr(_search.RunningTopK, "push", push)
+    monkeypatch.setattr(_search.RunningTopK, "keep", counted_keep)
+    monkeypatch.setattr(_search.RunningTopK, "push", counted_push)
     monkeypatch.setattr(_reader, "BLOCK_BYTES", store.chunk_rows * HIDDEN * 4)
-    monkeypatch.setattr(_fetch, "TASK_BYTES", 1)  # a thread's task: one shard
-    store.topk(2, np.ones(HIDDEN), 5)
-    assert max(sizes) == store.rows_per_unit
-    assert sum(sizes) == N
-    assert len(sizes) == -(-N // store.rows_per_unit)
+    monkeypatch.setattr(_fetch, "TASK_ROWS", 1)  # a thread's task: one shard
+    result = store.topk(2, np.ones(HIDDEN), 5)
+    assert max(kept) == store.rows_per_unit
+    assert sum(kept) == N
+    assert len(kept) == len(pushed) == -(-N // store.rows_per_unit)
+    assert max(pushed) == 5
+    np.testing.assert_array_equal(result.rows, brute_rank(store.read(2) @ np.ones(HIDDEN), 5))
 
 
 @pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean"])
@@ -281,6 +289,14 @@ def test_search_names_the_unit_of_a_flipped_byte_and_of_a_missing_shard(tmp_path
             search(open_store(url))
     (Path(url) / "mean" / "layer_0" / "c" / "2" / "0").write_bytes(
         bytes(data[:100] + bytes([data[100] ^ 0x5A]) + data[101:]))
-    (Path(url) / "mean" / "layer_0" / "c" / "3" / "0").unlink()
+    missing = Path(url) / "mean" / "layer_0" / "c" / "3" / "0"
+    saved = missing.read_bytes()
+    missing.unlink()
     with pytest.raises(StoreCorruptError, match=r"in unit 3 \(mean/layer_0\); rerun"):
+        _search.topk(open_store(url), 0, np.ones(8), 3, rows=rows)
+    missing.write_bytes(saved)
+    # A shard longer than its layout holds (bytes appended by a bad copy).
+    longer = Path(url) / "mean" / "layer_0" / "c" / "4" / "0"
+    longer.write_bytes(longer.read_bytes() + bytes(4096))
+    with pytest.raises(StoreCorruptError, match=r"in unit 4 \(mean/layer_0\); rerun"):
         _search.topk(open_store(url), 0, np.ones(8), 3, rows=rows)
