@@ -75,9 +75,13 @@ class RunningTopK:
         self.rows = np.zeros(0, np.int64)
 
     def keep(self, rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """What of a piece can still rank: run on the thread that scored it, so that
-        only candidates reach ``push``."""
+        """What of a piece can still rank, ``k`` rows at most: run on the thread that
+        scored it, so that only candidates reach ``push``. A row outside the piece's own
+        first ``k`` (by score, then row) has ``k`` rows ranking before it."""
         scores, rows = best(scores, rows, self.k)
+        if len(scores) > self.k:  # ties at the cut
+            order = np.lexsort((rows, -scores))[: self.k]
+            scores, rows = scores[order], rows[order]
         return rows, scores
 
     def push(self, scores: np.ndarray, rows: np.ndarray) -> None:

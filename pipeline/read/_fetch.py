@@ -33,7 +33,8 @@ from actcache.schemas.errors import StoreCorruptError
 T = TypeVar("T")
 U = TypeVar("U")
 
-#: Threads that read, check and work on whole local shards at once (``each_shard``).
+#: Threads that read, check and work on whole local shards at once, the caller's
+#: included (``each_shard``).
 SHARD_WORKERS = 2
 #: Rows a shard thread works through before handing a result over (``each_shard``).
 TASK_ROWS = 32_768
@@ -88,31 +89,53 @@ class ShardJob:
 
 _ZARRS_CONFIG = threading.Lock()
 _POOL_LOCK = threading.Lock()
-_SHARD_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (the process it belongs to, it)
+_SHARD_POOL: ThreadPoolExecutor | None = None
+_OPENMP: Any = None
+
+
+def _one_openmp_thread() -> Any:
+    """Torch runs the calling thread's work on that thread alone, until the returned
+    context ends. The shard threads already keep the cores busy; each asking torch's
+    OpenMP team for every core as well measured 0.057 s a top-k against 0.044 s, the
+    team's threads spinning between calls. OpenMP's thread count is per calling thread,
+    so the rest of the process keeps its own."""
+    import torch
+
+    global _OPENMP
+    if _OPENMP is None:  # finding the process's OpenMP libraries takes a third of a ms
+        from threadpoolctl import ThreadpoolController
+
+        _OPENMP = ThreadpoolController().select(user_api="openmp")
+    torch.get_num_threads()  # torch sets this thread's count on first use: let it first
+    return _OPENMP.limit(limits=1)
 
 
 def _serial_torch() -> None:
-    """Torch runs this thread's work on this thread alone. The shard threads already keep
-    the cores busy; each asking torch's OpenMP team for every core as well measured
-    0.057 s a top-k against 0.044 s, the team's threads spinning between calls. OpenMP's
-    thread count is per calling thread, so the rest of the process keeps its own."""
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    torch.get_num_threads()  # torch sets this thread's count on first use: let it first
-    threadpool_limits(1, user_api="openmp")
+    """A shard thread's start: one OpenMP thread for its whole life."""
+    _one_openmp_thread()
 
 
 def _shard_pool() -> ThreadPoolExecutor:
-    """The process's ``SHARD_WORKERS`` shard threads, started once: threads started per
-    search measured 4 ms more a pass (each new thread sets up torch's OpenMP team). A
-    forked child starts its own: its parent's threads are not in it."""
+    """The process's shard threads (the caller of a pass is one more), started once:
+    threads started per search measured 4 ms more a pass (each new thread sets up torch's
+    OpenMP team)."""
     global _SHARD_POOL
     with _POOL_LOCK:
-        if _SHARD_POOL is None or _SHARD_POOL[0] != os.getpid():
-            _SHARD_POOL = (os.getpid(), ThreadPoolExecutor(
-                SHARD_WORKERS, thread_name_prefix="actcache-shard", initializer=_serial_torch))
-        return _SHARD_POOL[1]
+        if _SHARD_POOL is None:
+            _SHARD_POOL = ThreadPoolExecutor(SHARD_WORKERS - 1, thread_name_prefix="actcache-shard",
+                                             initializer=_serial_torch)
+        return _SHARD_POOL
+
+
+def _forget_pool() -> None:
+    """In a forked child: its parent's threads are not in it, and the lock may have been
+    held by one of them when it forked."""
+    global _POOL_LOCK, _SHARD_POOL
+    _POOL_LOCK, _SHARD_POOL = threading.Lock(), None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _zarrs_available() -> bool:
@@ -269,8 +292,9 @@ class Fetcher:
         """``combine`` of ``work(rows, parts)`` over each run of consecutive jobs
         (``TASK_ROWS`` rows or so), in job order. ``work`` gets a job's store rows and
         its values as stored, a chunk at a time (offset in the job, values).
-        ``SHARD_WORKERS`` threads take the runs in turn, each reading a shard into its
-        own buffer and working on it there, while it is still in the core's cache.
+        ``SHARD_WORKERS`` threads, the caller's included, take the runs in turn, each
+        reading a shard into its own buffer and working on it there, while it is still in
+        the core's cache.
 
         For a search, whose scoring is cheap, everything happens on the thread that read
         the shard, and the caller waits once: results handed over shard by shard woke
@@ -309,10 +333,17 @@ class Fetcher:
                 stop.set()  # the other threads end after their current shard
                 raise
 
-        futures = [_shard_pool().submit(run) for _ in range(min(SHARD_WORKERS, len(tasks)))]
+        # The caller takes turns too, so a pass always makes progress: the pool's threads
+        # may be busy with another pass (a search from another thread, or from inside a
+        # shard thread), and then the caller does all of this one. A helper still queued
+        # when the turns run out is cancelled, never waited for.
+        helpers = [_shard_pool().submit(run) for _ in range(min(SHARD_WORKERS, len(tasks)) - 1)]
         try:
-            for future in futures:
-                future.result()
+            with _one_openmp_thread():
+                run()
+            for helper in helpers:
+                if not helper.cancel():
+                    helper.result()
         finally:
             stop.set()
         return results  # type: ignore[return-value]  # every task ran, or this raised

@@ -30,6 +30,10 @@ RowsLike = Sequence[int] | np.ndarray | None
 #: float32 bytes of a pooled slice widened and scored at once (``scored``): small enough
 #: to stay in the CPU's cache, with the scoring's temporaries.
 SCORE_BYTES = 3 * 2**18
+#: Rows scored at once are a multiple of this, zeros padding a short slice: BLAS kernels
+#: round the last few rows of a matrix differently from the rest, and identical rows
+#: must score alike wherever a slice cuts them, for ties to rank by row order.
+_ALIGN = 16
 _ALL = 2**62
 
 
@@ -133,7 +137,7 @@ class StoreReader:
         positions = self.positions(rows) if rows is None else distinct(self.positions(rows))
         plans = self.plans(pooling, positions)
         dtype = self.store.dtype
-        step = max(1, SCORE_BYTES // (4 * self.store.hidden_size))
+        step = max(_ALIGN, SCORE_BYTES // (4 * self.store.hidden_size) // _ALIGN * _ALIGN)
         local = threading.local()
 
         def scores(parts: list[tuple[int, np.ndarray]], n: int) -> np.ndarray:
@@ -146,8 +150,11 @@ class StoreReader:
             for at, raw in parts:
                 for lo in range(0, len(raw), step):
                     part = raw[lo:lo + step]
-                    widen(part, dtype, values[:len(part)])
-                    out[at + lo:at + lo + len(part)] = score(values[:len(part)])
+                    m = len(part)
+                    padded = -(-m // _ALIGN) * _ALIGN
+                    widen(part, dtype, values[:m])
+                    values[m:padded] = 0
+                    out[at + lo:at + lo + m] = score(values[:padded])[:m]
             return out
 
         def shard(got: np.ndarray, parts: list[tuple[int, np.ndarray]]

@@ -55,10 +55,11 @@ class ShardFiles:
         self.dtype = np.dtype(meta.data_type.to_native_dtype()).newbyteorder("<")
         self.encode = meta.encode_chunk_key
         self._paths: dict[int, str] = {}
+        #: A stored chunk: its values (zarr writes edge chunks whole), then their crc32c.
+        self.chunk_bytes = self.chunk * self.width * self.dtype.itemsize + 4
         #: The largest a shard file of this layout can be: its chunks, their checksums and
         #: the index with its own.
-        self.file_bytes = (self.per_shard * (self.chunk * self.width * self.dtype.itemsize + 4)
-                           + 16 * self.per_shard + 4)
+        self.file_bytes = self.per_shard * self.chunk_bytes + 16 * self.per_shard + 4
 
     @classmethod
     def of(cls, array: Any, root: str) -> ShardFiles | None:
@@ -97,7 +98,10 @@ class ShardFiles:
         for shard in range(first, last + 1):
             path = self.path(shard)
             data = self._bytes(path, buffer)
-            index = _checked(data[len(data) - 16 * self.per_shard - 4:], f"{path} index", 0)
+            end = len(data) - 16 * self.per_shard - 4  # where the index starts
+            if end < 0:  # an empty or cut file: no index (the crc32c of nothing is 0)
+                raise ChecksumMismatch(f"{path}: {len(data)} bytes, shorter than its index")
+            index = _checked(data[end:], f"{path} index", 0)
             spans = index.view("<u8").reshape(self.per_shard, 2)
             for c in range(self.per_shard):
                 start = shard * self.shard + c * self.chunk
@@ -109,6 +113,8 @@ class ShardFiles:
                 if offset == _EMPTY:  # zarr skipped an all-fill chunk (older stores)
                     values = np.zeros((self.chunk, self.width), dtype=self.dtype)
                 else:
+                    if nbytes != self.chunk_bytes or offset + nbytes > end:
+                        raise ChecksumMismatch(f"{path} chunk {c}: index out of the file")
                     body = _checked(data[offset:offset + nbytes], f"{path} chunk {c}")
                     values = body.view(self.dtype).reshape(self.chunk, self.width)
                 out.append((a - lo, values[a - start:b - start]))
@@ -129,11 +135,15 @@ class ShardFiles:
         and Python's file objects make two more of them a shard."""
         if buffer is None:
             return np.frombuffer(Path(path).read_bytes(), dtype=np.uint8)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            got = os.preadv(fd, [buffer], 0)
-        finally:
-            os.close(fd)
+        if not hasattr(os, "preadv"):  # not on every platform
+            with open(path, "rb", buffering=0) as f:
+                got = f.readinto(buffer) or 0
+        else:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                got = os.preadv(fd, [buffer], 0)
+            finally:
+                os.close(fd)
         if got > self.file_bytes:
             raise ChecksumMismatch(f"{path}: more bytes than its layout holds")
         return np.frombuffer(buffer, dtype=np.uint8)[:got]

@@ -300,3 +300,60 @@ def test_search_names_the_unit_of_a_flipped_byte_and_of_a_missing_shard(tmp_path
     longer.write_bytes(longer.read_bytes() + bytes(4096))
     with pytest.raises(StoreCorruptError, match=r"in unit 4 \(mean/layer_0\); rerun"):
         _search.topk(open_store(url), 0, np.ones(8), 3, rows=rows)
+
+
+@pytest.mark.parametrize(("hidden", "chunk"), [(16, 5), (384, 7)])
+def test_identical_rows_tie_and_rank_by_row(tmp_path, hidden, chunk) -> None:
+    """Identical rows score alike wherever a chunk, a shard or a scoring slice cuts them,
+    so ties rank by row order as a brute-force sort would rank them."""
+    row = np.random.default_rng(11).standard_normal(hidden).astype(np.float32)
+    x = np.tile(row, (200, 1))
+    s = synthetic_store(str(tmp_path / "same.zarr"), {0: x}, rows_per_unit=3 * chunk,
+                        chunk_rows=chunk, dtype="float16")
+    w = np.random.default_rng(12).standard_normal(hidden)
+    everything = s.topk(0, w, 200)
+    assert len(set(everything.scores.tolist())) == 1
+    assert s.topk(0, w, 10).rows.tolist() == list(range(10))
+    assert _search.topk(s, 0, w, 10, rows=list(range(33, 200, 3))).rows.tolist() == list(
+        range(33, 63, 3))
+    for metric in ("cosine", "dot", "euclidean"):
+        assert s.nearest(0, x[0], 10, metric=metric).rows.tolist() == list(range(10)), metric
+
+
+@pytest.mark.parametrize("content", [b"", bytes(4), bytes(64)], ids=["empty", "4-bytes", "64-bytes"])
+def test_a_shard_file_too_short_for_its_index_names_its_unit(tmp_path, content) -> None:
+    from pathlib import Path
+
+    from actcache import open_store
+    from actcache.schemas.errors import StoreCorruptError
+
+    x = np.random.default_rng(6).standard_normal((320, 8)).astype(np.float32)
+    url = str(tmp_path / "s.zarr")
+    synthetic_store(url, {0: x}, rows_per_unit=64, chunk_rows=16)
+    (Path(url) / "mean" / "layer_0" / "c" / "2" / "0").write_bytes(content)
+    s = open_store(url)
+    for attempt in (lambda: s.topk(0, np.ones(8), 3), lambda: s.nearest(0, x[0], 3),
+                    lambda: s.read(0), lambda: s.read(0, rows=[130])):
+        with pytest.raises(StoreCorruptError, match=r"in unit 2 \(mean/layer_0\); rerun"):
+            attempt()
+
+
+def test_a_search_inside_a_search_and_searches_side_by_side(store, data) -> None:
+    """The shard threads are the process's: a search started from a shard thread (inside
+    another search's scoring) or from several threads at once still finishes, exact."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    w = np.ones(HIDDEN, np.float32)
+    expected = brute_rank(data[2] @ w, 4).tolist()
+    inner: list[list[int]] = []
+
+    def score(values):  # type: ignore[no-untyped-def]
+        if not inner:
+            inner.append(store.topk(2, w, 4).rows.tolist())
+        return values @ w
+
+    got = list(store.reader.scored(2, "mean", None, score, _search.RunningTopK(4).keep))
+    assert inner == [expected] and len(got) > 0
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: store.topk(2, w, 4).rows.tolist(), range(8)))
+    assert results == [expected] * 8
