@@ -153,7 +153,8 @@ class StoreReader:
                     m = len(part)
                     padded = -(-m // _ALIGN) * _ALIGN
                     widen(part, dtype, values[:m])
-                    values[m:padded] = 0
+                    if padded > m:
+                        values[m:padded] = 0
                     out[at + lo:at + lo + m] = score(values[:padded])[:m]
             return out
 
