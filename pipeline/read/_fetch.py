@@ -110,11 +110,6 @@ def _one_openmp_thread() -> Any:
     return _OPENMP.limit(limits=1)
 
 
-def _serial_torch() -> None:
-    """A shard thread's start: one OpenMP thread for its whole life."""
-    _one_openmp_thread()
-
-
 def _shard_pool() -> ThreadPoolExecutor:
     """The process's shard threads (the caller of a pass is one more), started once:
     threads started per search measured 4 ms more a pass (each new thread sets up torch's
@@ -122,8 +117,9 @@ def _shard_pool() -> ThreadPoolExecutor:
     global _SHARD_POOL
     with _POOL_LOCK:
         if _SHARD_POOL is None:
+            # A shard thread's limit is set at its start and lasts its whole life.
             _SHARD_POOL = ThreadPoolExecutor(SHARD_WORKERS - 1, thread_name_prefix="actcache-shard",
-                                             initializer=_serial_torch)
+                                             initializer=_one_openmp_thread)
         return _SHARD_POOL
 
 
